@@ -1,0 +1,170 @@
+//! Choosing where tensors live: Flex on the CPU (f32 or f64) or wgpu on the
+//! GPU (f32). wgpu is the default when an adapter exists; without one,
+//! metagrad says so in one line and runs on the CPU instead of panicking.
+
+use std::sync::OnceLock;
+
+use anyhow::{Result, bail};
+use burn::backend::tensor::Device;
+use burn::backend::wgpu::{CubeBackend, wgpu};
+use burn::backend::{CubeDevice, Flex, FlexDevice, WgpuDevice, WgpuDeviceKind};
+
+use crate::tensor::{Level, Precision};
+
+/// The environment variable that picks the backend when `--backend` is absent.
+pub const BACKEND_ENV: &str = "METAGRAD_BACKEND";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BackendKind {
+    Cpu,
+    Wgpu,
+}
+
+impl BackendKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            BackendKind::Cpu => "cpu",
+            BackendKind::Wgpu => "wgpu",
+        }
+    }
+}
+
+impl std::str::FromStr for BackendKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "cpu" | "flex" => Ok(BackendKind::Cpu),
+            "wgpu" | "gpu" => Ok(BackendKind::Wgpu),
+            other => Err(format!("unknown backend '{other}': expected wgpu or cpu")),
+        }
+    }
+}
+
+/// One wgpu adapter as the driver describes it.
+#[derive(Clone, Debug)]
+pub struct Adapter {
+    pub name: String,
+    pub api: String,
+    pub device_type: String,
+    pub driver: String,
+    pub driver_info: String,
+    /// lavapipe, llvmpipe, SwiftShader, WARP...: a CPU pretending to be a GPU.
+    pub software: bool,
+}
+
+/// Every adapter wgpu finds on Vulkan, Metal, DX12 and OpenGL (asked once per
+/// process: instances that come and go can crash some Vulkan loaders).
+pub fn wgpu_adapters() -> &'static [Adapter] {
+    static ADAPTERS: OnceLock<Vec<Adapter>> = OnceLock::new();
+    ADAPTERS.get_or_init(|| {
+        let backends = wgpu::Backends::VULKAN | wgpu::Backends::METAL | wgpu::Backends::DX12 | wgpu::Backends::GL;
+        let instance = wgpu::Instance::new(wgpu::InstanceDescriptor {
+            backends,
+            ..wgpu::InstanceDescriptor::new_without_display_handle()
+        });
+        let adapters = burn::tensor::try_read_sync(instance.enumerate_adapters(backends)).unwrap_or_default();
+        adapters
+            .iter()
+            .map(|a| {
+                let info = a.get_info();
+                let lower = format!("{} {}", info.name, info.driver).to_lowercase();
+                let software = info.device_type == wgpu::DeviceType::Cpu
+                    || ["llvmpipe", "lavapipe", "swiftshader", "softpipe", "warp"].iter().any(|s| lower.contains(s));
+                Adapter {
+                    name: info.name.clone(),
+                    api: format!("{:?}", info.backend),
+                    device_type: format!("{:?}", info.device_type),
+                    driver: info.driver.clone(),
+                    driver_info: info.driver_info.clone(),
+                    software,
+                }
+            })
+            .collect()
+    })
+}
+
+/// A resolved choice of backend and precision.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Selection {
+    pub kind: BackendKind,
+    pub precision: Precision,
+}
+
+impl Selection {
+    pub fn describe(&self) -> String {
+        format!("{} ({})", self.kind.name(), self.precision.name())
+    }
+}
+
+/// Resolve `--backend` / `METAGRAD_BACKEND` and `--precision` into a choice
+/// that can run here. Returns the selection and, when metagrad had to fall
+/// back, the one line that says why.
+pub fn select(requested: Option<BackendKind>, precision: Option<Precision>) -> Result<(Selection, Option<String>)> {
+    let requested = match requested {
+        Some(kind) => Some(kind),
+        None => match std::env::var(BACKEND_ENV) {
+            Ok(v) if !v.is_empty() => Some(v.parse::<BackendKind>().map_err(|e| anyhow::anyhow!("{BACKEND_ENV}: {e}"))?),
+            _ => None,
+        },
+    };
+    let has_adapter = || !wgpu_adapters().is_empty();
+    match (requested, precision) {
+        (Some(BackendKind::Wgpu), Some(Precision::F64)) => bail!(
+            "f64 is not available on wgpu (GPU shaders here compute in f32); use --backend cpu --precision f64, or --precision f32 on wgpu"
+        ),
+        (Some(BackendKind::Wgpu), _) if !has_adapter() => bail!(
+            "no wgpu adapter found (no Vulkan, Metal, DX12 or OpenGL driver): install a GPU driver (on Debian/Ubuntu without a GPU, `apt-get install mesa-vulkan-drivers` gives a software one) or use --backend cpu"
+        ),
+        (Some(kind), p) => Ok((Selection { kind, precision: p.unwrap_or(Precision::F32) }, None)),
+        (None, Some(Precision::F64)) => Ok((Selection { kind: BackendKind::Cpu, precision: Precision::F64 }, None)),
+        (None, _) if has_adapter() => Ok((Selection { kind: BackendKind::Wgpu, precision: Precision::F32 }, None)),
+        (None, _) => Ok((
+            Selection { kind: BackendKind::Cpu, precision: Precision::F32 },
+            Some("no wgpu adapter found; running on the CPU backend (Flex) instead".to_string()),
+        )),
+    }
+}
+
+/// Work written once for any base backend; `dispatch` runs it on the
+/// selected one.
+pub trait OnBackend {
+    type Output;
+    fn run<B: Level<Base = B>>(self, device: Device<B>, precision: Precision) -> Self::Output;
+}
+
+pub fn wgpu_device() -> CubeDevice {
+    CubeDevice::from(WgpuDevice::new(WgpuDeviceKind::DefaultDevice))
+}
+
+pub fn dispatch<J: OnBackend>(selection: Selection, job: J) -> J::Output {
+    match selection.kind {
+        BackendKind::Cpu => job.run::<Flex>(FlexDevice, selection.precision),
+        BackendKind::Wgpu => job.run::<CubeBackend>(wgpu_device(), selection.precision),
+    }
+}
+
+/// The report `metagrad devices` prints.
+pub fn devices_report() -> String {
+    let mut out = String::new();
+    out.push_str("cpu   Flex (Burn's CPU backend): f32 and f64, always available\n");
+    let adapters = wgpu_adapters();
+    if adapters.is_empty() {
+        out.push_str(
+            "wgpu  no adapter found (no Vulkan, Metal, DX12 or OpenGL driver); metagrad will run on the CPU backend\n",
+        );
+        return out;
+    }
+    for (i, a) in adapters.iter().enumerate() {
+        let driver = if a.driver_info.is_empty() { a.driver.clone() } else { format!("{} ({})", a.driver, a.driver_info) };
+        out.push_str(&format!(
+            "wgpu  [{i}] {}  api: {}  type: {}  driver: {}\n",
+            a.name, a.api, a.device_type, driver
+        ));
+        if a.software {
+            out.push_str(
+                "      warning: this is a software rasteriser running on the CPU; it is slower than the cpu backend (use --backend cpu)\n",
+            );
+        }
+    }
+    out
+}

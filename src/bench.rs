@@ -1,0 +1,190 @@
+//! Benchmarks: time and peak memory of a gradient, a Hessian-vector product
+//! and one exact MAML step of Conv-4 on few-shot task shapes.
+//!
+//! Peak memory is measured by the device allocator on wgpu (bytes reserved by
+//! Burn's memory pool, from a cleaned pool) and by the process high-water mark
+//! on the CPU (VmHWM, reset through /proc/self/clear_refs before each case).
+
+use std::time::Instant;
+
+use burn::backend::Backend;
+use burn::backend::tensor::Device;
+use serde::Serialize;
+
+use crate::backend::OnBackend;
+use crate::diff::{hvp, value_and_grad};
+use crate::hypergrad::maml_sweep;
+use crate::model::{Batch, BatchLoss, Conv4};
+use crate::tensor::{Level, Precision, Tensor};
+
+/// A task shape: model and number of support and query images.
+#[derive(Clone, Copy, Debug)]
+pub struct TaskShape {
+    pub name: &'static str,
+    pub model: Conv4,
+    pub support: usize,
+    pub query: usize,
+}
+
+pub fn autodiff_shapes() -> Vec<TaskShape> {
+    vec![
+        TaskShape { name: "omniglot 5-way 1-shot", model: Conv4::omniglot(5), support: 5, query: 5 },
+        TaskShape { name: "mini-imagenet 5-way 1-shot", model: Conv4::mini_imagenet(5), support: 5, query: 75 },
+    ]
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct BenchRow {
+    pub workload: String,
+    pub backend: String,
+    pub operation: String,
+    pub ms_median: f64,
+    pub ms_min: f64,
+    pub peak_memory_mib: Option<f64>,
+    pub memory_source: String,
+    /// Time relative to one gradient on the same batch.
+    pub relative_to_gradient: f64,
+}
+
+/// A batch of random images with labels cycling through the classes.
+pub fn random_batch<B: Level>(model: &Conv4, n: usize, seed: u64, precision: Precision, device: &Device<B>) -> Batch<B> {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let dims = [n, model.in_channels, model.image_size, model.image_size];
+    let values: Vec<f64> = (0..dims.iter().product::<usize>()).map(|_| rng.random::<f64>()).collect();
+    let images = Tensor::from_f64(&values, &dims, precision, device);
+    Batch::new(images, (0..n).map(|i| i % model.way).collect(), model.way)
+}
+
+fn current_rss_kib(field: &str) -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    status
+        .lines()
+        .find(|l| l.starts_with(field))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse::<f64>().ok())
+}
+
+/// Measures peak memory of a closure on the device's allocator or the process.
+struct MemoryProbe<B: Backend> {
+    device: Device<B>,
+    baseline: Option<f64>,
+    on_device: bool,
+}
+
+impl<B: Backend> MemoryProbe<B> {
+    fn start(device: &Device<B>) -> Self {
+        B::memory_cleanup(device);
+        if let Some(usage) = B::memory_pool_usage(device) {
+            return MemoryProbe { device: device.clone(), baseline: Some(usage.bytes_reserved as f64), on_device: true };
+        }
+        let _ = std::fs::write("/proc/self/clear_refs", "5");
+        MemoryProbe { device: device.clone(), baseline: current_rss_kib("VmRSS:").map(|k| k * 1024.0), on_device: false }
+    }
+
+    /// Peak bytes above the baseline, in MiB.
+    fn peak_mib(&self) -> Option<f64> {
+        let baseline = self.baseline?;
+        let peak = if self.on_device {
+            B::memory_pool_usage(&self.device)?.bytes_reserved as f64
+        } else {
+            current_rss_kib("VmHWM:")? * 1024.0
+        };
+        Some((peak - baseline).max(0.0) / (1024.0 * 1024.0))
+    }
+
+    fn source(&self) -> &'static str {
+        if self.on_device { "device allocator (bytes reserved)" } else { "process high-water mark (VmHWM)" }
+    }
+}
+
+/// Median and minimum milliseconds of `f` over `iters` runs after `warmup`,
+/// each run ending with a device sync so lazy backends are timed fully.
+fn time_ms<B: Backend>(device: &Device<B>, warmup: usize, iters: usize, mut f: impl FnMut()) -> (f64, f64) {
+    for _ in 0..warmup {
+        f();
+        let _ = B::sync(device);
+    }
+    let mut times: Vec<f64> = (0..iters.max(1))
+        .map(|_| {
+            let start = Instant::now();
+            f();
+            let _ = B::sync(device);
+            start.elapsed().as_secs_f64() * 1e3
+        })
+        .collect();
+    times.sort_by(f64::total_cmp);
+    (times[times.len() / 2], times[0])
+}
+
+/// `metagrad bench autodiff`: gradient, Hessian-vector product and one exact
+/// MAML step (inner step 0.4) for each task shape.
+pub struct AutodiffBench {
+    pub iters: usize,
+    pub warmup: usize,
+    pub backend_name: String,
+}
+
+impl OnBackend for AutodiffBench {
+    type Output = Vec<BenchRow>;
+
+    fn run<B: Level<Base = B>>(self, device: Device<B>, precision: Precision) -> Vec<BenchRow> {
+        let mut rows = Vec::new();
+        for shape in autodiff_shapes() {
+            let model = shape.model;
+            let theta = model.init::<B>(0, precision, &device);
+            let support = random_batch(&model, shape.support, 1, precision, &device);
+            let query = random_batch(&model, shape.query, 2, precision, &device);
+            let support_loss = BatchLoss { model: &model, batch: &support };
+            let query_loss = BatchLoss { model: &model, batch: &query };
+            let direction: Vec<Tensor<B>> = model.init::<B>(3, precision, &device);
+
+            let case = |operation: &str, f: &mut dyn FnMut()| {
+                let probe = MemoryProbe::<B>::start(&device);
+                let (median, min) = time_ms::<B>(&device, self.warmup, self.iters, f);
+                (operation.to_string(), median, min, probe.peak_mib(), probe.source().to_string())
+            };
+            let cases = vec![
+                case("gradient", &mut || {
+                    let _ = value_and_grad(&support_loss, &theta);
+                }),
+                case("hessian-vector product", &mut || {
+                    let _ = hvp(&support_loss, &theta, &direction);
+                }),
+                case("maml step (exact, r=1)", &mut || {
+                    let _ = maml_sweep(&support_loss, &query_loss, &theta, 1, 0.4);
+                }),
+            ];
+            let gradient_ms = cases[0].1;
+            for (operation, median, min, peak, source) in cases {
+                rows.push(BenchRow {
+                    workload: format!("{} ({}+{} images)", shape.name, shape.support, shape.query),
+                    backend: format!("{} {}", self.backend_name, precision.name()),
+                    operation,
+                    ms_median: median,
+                    ms_min: min,
+                    peak_memory_mib: peak,
+                    memory_source: source,
+                    relative_to_gradient: median / gradient_ms,
+                });
+            }
+        }
+        rows
+    }
+}
+
+/// A fixed-width table of benchmark rows.
+pub fn format_table(rows: &[BenchRow]) -> String {
+    let mut out = format!(
+        "{:<42} {:<10} {:<26} {:>10} {:>10} {:>8} {:>12}\n",
+        "workload", "backend", "operation", "median ms", "min ms", "× grad", "peak MiB"
+    );
+    for r in rows {
+        let mem = r.peak_memory_mib.map(|m| format!("{m:.1}")).unwrap_or_else(|| "n/a".into());
+        out.push_str(&format!(
+            "{:<42} {:<10} {:<26} {:>10.2} {:>10.2} {:>8.2} {:>12}\n",
+            r.workload, r.backend, r.operation, r.ms_median, r.ms_min, r.relative_to_gradient, mem
+        ));
+    }
+    out
+}

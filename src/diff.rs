@@ -1,0 +1,102 @@
+//! Gradients and Hessian-vector products through Burn's autodiff, nested.
+//!
+//! Burn records and differentiates; this module only arranges the levels.
+//! `value_and_grad::<B>` evaluates a scalar objective one level above `B`
+//! (on `Autodiff<B>`) and returns the gradient as tensors of level `B`. When
+//! `B` is itself an autodiff backend, the backward pass of the upper level ran
+//! as recorded operations of `B`, so that gradient can be differentiated again
+//! ("create_graph"). `hvp` uses exactly that to form H·v.
+
+use burn::backend::ops::FloatTensorOps;
+use burn::backend::{Autodiff, AutodiffBackend};
+
+use crate::tensor::{Level, Tensor};
+
+/// A scalar function of a list of parameter tensors, written once for every
+/// level that shares the base backend `Base` (its data lives at `Base`).
+pub trait Objective<Base> {
+    fn eval<B: Level<Base = Base>>(&self, params: &[Tensor<B>]) -> Tensor<B>;
+}
+
+/// Fresh leaves of `Autodiff<B>` holding the values (and the graph, at lower
+/// levels) of `xs`.
+pub fn lift<B: Level>(xs: &[Tensor<B>]) -> Vec<Tensor<Autodiff<B>>> {
+    xs.iter()
+        .map(|x| {
+            let lifted = <Autodiff<B> as AutodiffBackend>::from_inner(x.0.clone());
+            Tensor(<Autodiff<B> as FloatTensorOps<Autodiff<B>>>::float_set_require_grad(lifted, true))
+        })
+        .collect()
+}
+
+/// `xs` at level `Autodiff<B>` as constants of that level (their graph at
+/// lower levels is kept).
+pub fn lift_constant<B: Level>(xs: &[Tensor<B>]) -> Vec<Tensor<Autodiff<B>>> {
+    xs.iter().map(|x| Tensor(<Autodiff<B> as AutodiffBackend>::from_inner(x.0.clone()))).collect()
+}
+
+/// Drop the top level of a tensor, keeping the graph of the levels below.
+pub fn lower<B: Level>(x: Tensor<Autodiff<B>>) -> Tensor<B> {
+    Tensor(<Autodiff<B> as AutodiffBackend>::inner(x.0))
+}
+
+/// Gradients of a scalar `loss` with respect to `leaves`, at level `B`; a leaf
+/// the loss does not depend on gets zeros.
+pub fn backward<B: Level>(loss: &Tensor<Autodiff<B>>, leaves: &[Tensor<Autodiff<B>>]) -> Vec<Tensor<B>> {
+    assert_eq!(loss.num_elements(), 1, "backward: loss of shape {:?} is not a scalar", loss.dims());
+    let grads = <Autodiff<B> as AutodiffBackend>::backward(loss.0.clone());
+    leaves
+        .iter()
+        .map(|leaf| match <Autodiff<B> as AutodiffBackend>::grad(&leaf.0, &grads) {
+            Some(g) => Tensor(g),
+            None => Tensor::zeros(&leaf.dims(), leaf.precision(), &leaf.device()),
+        })
+        .collect()
+}
+
+/// The objective's value and gradient at `params`, both at level `B`. With `B`
+/// a plain backend this is an ordinary gradient; with `B = Autodiff<_>` the
+/// result is still recorded at `B` and can be differentiated again.
+pub fn value_and_grad<B, F>(f: &F, params: &[Tensor<B>]) -> (Tensor<B>, Vec<Tensor<B>>)
+where
+    B: Level,
+    F: Objective<B::Base>,
+{
+    let leaves = lift(params);
+    let loss = f.eval(&leaves);
+    let grads = backward(&loss, &leaves);
+    (lower(loss), grads)
+}
+
+/// Value, gradient and Hessian-vector product H·v of the objective at
+/// `params`: the gradient is taken at `Autodiff<Autodiff<B>>`, stays recorded
+/// at `Autodiff<B>`, and ⟨∇f, v⟩ is differentiated there.
+pub fn hvp<B, F>(f: &F, params: &[Tensor<B>], v: &[Tensor<B>]) -> (Tensor<B>, Vec<Tensor<B>>, Vec<Tensor<B>>)
+where
+    B: Level,
+    F: Objective<B::Base>,
+{
+    assert_eq!(params.len(), v.len(), "hvp: {} parameters but {} direction tensors", params.len(), v.len());
+    let leaves = lift(params);
+    let (loss, grads) = value_and_grad(f, &leaves);
+    let directions = lift_constant(v);
+    let inner = grads
+        .iter()
+        .zip(&directions)
+        .map(|(g, d)| g.dot(d))
+        .reduce(|a, b| a.add(&b))
+        .expect("hvp: at least one parameter");
+    let hv = backward(&inner, &leaves);
+    let grads = grads.into_iter().map(lower).collect();
+    (lower(loss), grads, hv)
+}
+
+/// Σ_i ⟨a_i, b_i⟩ over lists of tensors, read back to the host.
+pub fn dot_all<B: Level>(a: &[Tensor<B>], b: &[Tensor<B>]) -> f64 {
+    a.iter().zip(b).map(|(x, y)| x.dot(y).item()).sum()
+}
+
+/// ‖a‖ over a list of tensors.
+pub fn norm_all<B: Level>(a: &[Tensor<B>]) -> f64 {
+    dot_all(a, a).sqrt()
+}

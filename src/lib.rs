@@ -1,0 +1,18 @@
+//! metagrad: deep meta-learning with exact hypergradients, on Burn.
+//!
+//! Modules, one per concept:
+//! - [`tensor`]: a typed tensor over Burn's op traits, usable at every autodiff level.
+//! - [`diff`]: gradients that stay differentiable, and Hessian-vector products.
+//! - [`model`]: the Conv-4 learner with PyTorch parameter names.
+//! - [`hypergrad`]: inner-loop adaptation and meta-gradients.
+//! - [`store`]: safetensors files and atomic writes.
+//! - [`backend`]: CPU (Flex) and GPU (wgpu) selection.
+//! - [`bench`]: benchmarks printed as tables and JSON.
+
+pub mod backend;
+pub mod bench;
+pub mod diff;
+pub mod hypergrad;
+pub mod model;
+pub mod store;
+pub mod tensor;

@@ -1,0 +1,186 @@
+//! The Conv-4 few-shot learner of the MAML papers, written on the tensor
+//! layer so one definition runs at every autodiff level.
+//!
+//! Four blocks of [3×3 conv (padding 1, bias) → batch norm → ReLU → 2×2
+//! max-pool], then flatten and a linear head. Batch norm always uses the
+//! current batch's statistics (biased variance, ε = 1e-5) and keeps no running
+//! statistics: the transductive setting of the MAML papers. Parameter names
+//! and layouts are PyTorch's, so weights load into PyTorch unchanged.
+
+use burn::backend::tensor::Device;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use crate::diff::Objective;
+use crate::tensor::{Level, Precision, Tensor, one_hot};
+
+pub const BATCH_NORM_EPS: f64 = 1e-5;
+const BLOCKS: usize = 4;
+
+/// The shape of a Conv-4 network: input image, width, and number of classes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Conv4 {
+    pub in_channels: usize,
+    pub image_size: usize,
+    pub channels: usize,
+    pub way: usize,
+}
+
+impl Conv4 {
+    /// 1×28×28 input, 64 channels, 64 features.
+    pub fn omniglot(way: usize) -> Self {
+        Conv4 { in_channels: 1, image_size: 28, channels: 64, way }
+    }
+
+    /// 3×84×84 input, 32 channels, 800 features.
+    pub fn mini_imagenet(way: usize) -> Self {
+        Conv4 { in_channels: 3, image_size: 84, channels: 32, way }
+    }
+
+    /// Spatial size after the four 2×2 pools (floor at each).
+    pub fn final_size(&self) -> usize {
+        (0..BLOCKS).fold(self.image_size, |s, _| s / 2)
+    }
+
+    pub fn features(&self) -> usize {
+        self.channels * self.final_size() * self.final_size()
+    }
+
+    /// Names and shapes of every parameter, in the order the model uses them.
+    pub fn parameter_shapes(&self) -> Vec<(String, Vec<usize>)> {
+        let mut shapes = Vec::new();
+        let mut c_in = self.in_channels;
+        for block in 1..=BLOCKS {
+            let c = self.channels;
+            shapes.push((format!("conv{block}.weight"), vec![c, c_in, 3, 3]));
+            shapes.push((format!("conv{block}.bias"), vec![c]));
+            shapes.push((format!("bn{block}.weight"), vec![c]));
+            shapes.push((format!("bn{block}.bias"), vec![c]));
+            c_in = c;
+        }
+        shapes.push(("head.weight".into(), vec![self.way, self.features()]));
+        shapes.push(("head.bias".into(), vec![self.way]));
+        shapes
+    }
+
+    pub fn parameter_count(&self) -> usize {
+        self.parameter_shapes().iter().map(|(_, s)| s.iter().product::<usize>()).sum()
+    }
+
+    /// Fresh parameters: convolution and head weights Xavier-uniform (gain 1,
+    /// as in the MAML reference code), biases zero, batch-norm scale one.
+    pub fn init<B: Level>(&self, seed: u64, precision: Precision, device: &Device<B>) -> Vec<Tensor<B>> {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        self.parameter_shapes()
+            .into_iter()
+            .map(|(name, shape)| {
+                let n: usize = shape.iter().product();
+                let values: Vec<f64> = if name.ends_with("weight") && shape.len() > 1 {
+                    let receptive: usize = shape[2..].iter().product();
+                    let fan_in = shape[1] * receptive;
+                    let fan_out = shape[0] * receptive;
+                    let bound = (6.0 / (fan_in + fan_out) as f64).sqrt();
+                    (0..n).map(|_| rng.random_range(-bound..bound)).collect()
+                } else if name.starts_with("bn") && name.ends_with("weight") {
+                    vec![1.0; n]
+                } else {
+                    vec![0.0; n]
+                };
+                Tensor::from_f64(&values, &shape, precision, device)
+            })
+            .collect()
+    }
+
+    /// Logits [N, way] for images [N, C, H, W].
+    pub fn forward<B: Level>(&self, params: &[Tensor<B>], x: &Tensor<B>) -> Tensor<B> {
+        let expected = [self.in_channels, self.image_size, self.image_size];
+        let dims = x.dims();
+        assert!(
+            dims.len() == 4 && dims[1..] == expected,
+            "Conv-4 forward: images of shape {dims:?} do not match the model's input [N, {}, {}, {}]",
+            expected[0],
+            expected[1],
+            expected[2]
+        );
+        assert_eq!(params.len(), 4 * BLOCKS + 2, "Conv-4 forward: {} parameter tensors, expected {}", params.len(), 4 * BLOCKS + 2);
+        let mut h = x.clone();
+        for block in params[..4 * BLOCKS].chunks(4) {
+            let [w, b, gamma, beta] = block else { unreachable!() };
+            h = batch_norm(&h.conv2d(w, b, 1, 1), gamma, beta).relu().max_pool2x2();
+        }
+        let n = dims[0];
+        let features = h.reshape(&[n, self.features()]);
+        linear(&features, &params[4 * BLOCKS], &params[4 * BLOCKS + 1])
+    }
+}
+
+/// y = x·Wᵀ + b for x [N, F], W [K, F], b [K], from matmul and add (Burn's
+/// fused linear cannot be differentiated twice).
+pub fn linear<B: Level>(x: &Tensor<B>, weight: &Tensor<B>, bias: &Tensor<B>) -> Tensor<B> {
+    let k = weight.dims()[0];
+    x.matmul(&weight.transpose()).add(&bias.reshape(&[1, k]))
+}
+
+/// Batch norm over [N, C, H, W] with the batch's own statistics (biased
+/// variance), then a per-channel scale and shift.
+pub fn batch_norm<B: Level>(x: &Tensor<B>, gamma: &Tensor<B>, beta: &Tensor<B>) -> Tensor<B> {
+    let c = x.dims()[1];
+    let mean = x.mean_dim(0).mean_dim(2).mean_dim(3);
+    let centered = x.sub(&mean);
+    let var = centered.square().mean_dim(0).mean_dim(2).mean_dim(3);
+    let normalized = centered.div(&var.add_scalar(BATCH_NORM_EPS).sqrt());
+    normalized.mul(&gamma.reshape(&[1, c, 1, 1])).add(&beta.reshape(&[1, c, 1, 1]))
+}
+
+/// A labelled batch of images on the base backend.
+pub struct Batch<Base: Level> {
+    pub images: Tensor<Base>,
+    pub one_hot: Tensor<Base>,
+    pub labels: Vec<usize>,
+}
+
+impl<Base: Level> Batch<Base> {
+    pub fn new(images: Tensor<Base>, labels: Vec<usize>, classes: usize) -> Self {
+        assert_eq!(images.dims()[0], labels.len(), "batch: {} images but {} labels", images.dims()[0], labels.len());
+        let targets = one_hot(&labels, classes);
+        let one_hot = Tensor::from_f64(&targets, &[labels.len(), classes], images.precision(), &images.device());
+        Batch { images, one_hot, labels }
+    }
+
+    pub fn len(&self) -> usize {
+        self.labels.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.labels.is_empty()
+    }
+}
+
+/// Mean cross-entropy of a Conv-4 on one batch, as a function of its parameters.
+pub struct BatchLoss<'a, Base: Level> {
+    pub model: &'a Conv4,
+    pub batch: &'a Batch<Base>,
+}
+
+impl<Base: Level<Base = Base>> Objective<Base> for BatchLoss<'_, Base> {
+    fn eval<B: Level<Base = Base>>(&self, params: &[Tensor<B>]) -> Tensor<B> {
+        let logits = self.model.forward(params, &Tensor::from_base(&self.batch.images));
+        logits.cross_entropy(&Tensor::from_base(&self.batch.one_hot))
+    }
+}
+
+/// Fraction of rows whose largest logit is at the label.
+pub fn accuracy<B: Level>(logits: &Tensor<B>, labels: &[usize]) -> f64 {
+    let dims = logits.dims();
+    let values = logits.to_vec();
+    let correct = labels
+        .iter()
+        .enumerate()
+        .filter(|&(row, &label)| {
+            let r = &values[row * dims[1]..(row + 1) * dims[1]];
+            let best = (0..dims[1]).max_by(|&a, &b| r[a].total_cmp(&r[b])).unwrap_or(0);
+            best == label
+        })
+        .count();
+    correct as f64 / labels.len().max(1) as f64
+}

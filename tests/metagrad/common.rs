@@ -1,0 +1,70 @@
+//! Shared helpers: f64 CPU backend, random data, finite differences.
+
+use burn::backend::{Flex, FlexDevice};
+use metagrad::diff::{Objective, value_and_grad};
+use metagrad::tensor::{Precision, Tensor};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+pub type Cpu = Flex;
+pub const DEV: FlexDevice = FlexDevice;
+pub const F64: Precision = Precision::F64;
+
+pub fn rng(seed: u64) -> ChaCha8Rng {
+    ChaCha8Rng::seed_from_u64(seed)
+}
+
+pub fn random_values(rng: &mut ChaCha8Rng, n: usize, scale: f64) -> Vec<f64> {
+    (0..n).map(|_| rng.random_range(-scale..scale)).collect()
+}
+
+pub fn random_tensor(rng: &mut ChaCha8Rng, dims: &[usize], scale: f64) -> Tensor<Cpu> {
+    Tensor::from_f64(&random_values(rng, dims.iter().product(), scale), dims, F64, &DEV)
+}
+
+/// Random tensors shaped like `like`, scaled to unit norm over the whole list.
+pub fn random_unit_direction(rng: &mut ChaCha8Rng, like: &[Tensor<Cpu>]) -> Vec<Tensor<Cpu>> {
+    let raw: Vec<Vec<f64>> = like.iter().map(|t| random_values(rng, t.num_elements(), 1.0)).collect();
+    let norm = raw.iter().flatten().map(|v| v * v).sum::<f64>().sqrt();
+    raw.iter()
+        .zip(like)
+        .map(|(v, t)| Tensor::from_f64(&v.iter().map(|x| x / norm).collect::<Vec<_>>(), &t.dims(), F64, &DEV))
+        .collect()
+}
+
+/// x + h·d, tensor by tensor.
+pub fn axpy(x: &[Tensor<Cpu>], h: f64, d: &[Tensor<Cpu>]) -> Vec<Tensor<Cpu>> {
+    x.iter().zip(d).map(|(a, b)| a.add(&b.mul_scalar(h))).collect()
+}
+
+pub fn flatten(ts: &[Tensor<Cpu>]) -> Vec<f64> {
+    ts.iter().flat_map(|t| t.to_vec()).collect()
+}
+
+pub fn norm(v: &[f64]) -> f64 {
+    v.iter().map(|x| x * x).sum::<f64>().sqrt()
+}
+
+/// ‖a − b‖ / ‖b‖, one number over all parameters together (a true gradient
+/// of exactly zero in one tensor must not make the comparison meaningless).
+pub fn relative_error(a: &[f64], b: &[f64]) -> f64 {
+    assert_eq!(a.len(), b.len(), "compared vectors differ in length");
+    let diff: Vec<f64> = a.iter().zip(b).map(|(x, y)| x - y).collect();
+    norm(&diff) / norm(b).max(1e-300)
+}
+
+/// Step for central differences in f64: small enough not to cross the
+/// ReLU and max-pool kinks, large enough to stay above rounding.
+pub const FD_STEP: f64 = 1e-6;
+
+/// Central difference of f along a direction.
+pub fn fd_directional(f: &dyn Fn(&[Tensor<Cpu>]) -> f64, x: &[Tensor<Cpu>], d: &[Tensor<Cpu>]) -> f64 {
+    (f(&axpy(x, FD_STEP, d)) - f(&axpy(x, -FD_STEP, d))) / (2.0 * FD_STEP)
+}
+
+/// Central difference of the gradient along a direction: ≈ H·d.
+pub fn fd_hvp<F: Objective<Cpu>>(f: &F, x: &[Tensor<Cpu>], d: &[Tensor<Cpu>]) -> Vec<f64> {
+    let (_, gp) = value_and_grad(f, &axpy(x, FD_STEP, d));
+    let (_, gm) = value_and_grad(f, &axpy(x, -FD_STEP, d));
+    flatten(&gp).iter().zip(flatten(&gm)).map(|(p, m)| (p - m) / (2.0 * FD_STEP)).collect()
+}

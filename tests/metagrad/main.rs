@@ -1,0 +1,8 @@
+//! metagrad's integration tests, in one binary so Burn is linked once.
+
+mod common;
+mod cli;
+mod model;
+mod ops;
+mod store;
+mod wgpu;

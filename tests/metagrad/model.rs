@@ -1,0 +1,136 @@
+//! The Conv-4 model: names and shapes, whole-model gradients at the outer
+//! level against single-level autodiff, Hessian-vector products against
+//! finite differences and symmetry, and MAML meta-gradients against finite
+//! differences of θ ↦ L_q(φ_r(θ)).
+
+use burn::backend::Flex;
+use metagrad::bench::random_batch;
+use metagrad::diff::{Objective, dot_all, hvp, lift, value_and_grad};
+use metagrad::hypergrad::{fomaml, maml_sweep, maml_unrolled, meta_loss};
+use metagrad::model::{Batch, BatchLoss, Conv4};
+use metagrad::tensor::Tensor;
+
+use crate::common::*;
+
+/// A narrow Conv-4 on Omniglot-shaped images keeps the f64 checks quick; the
+/// full-width shapes are checked separately.
+fn small_omniglot() -> Conv4 {
+    Conv4 { channels: 8, ..Conv4::omniglot(5) }
+}
+
+fn task(model: &Conv4, support: usize, query: usize, seed: u64) -> (Vec<Tensor<Flex>>, Batch<Flex>, Batch<Flex>) {
+    let theta = model.init::<Flex>(seed, F64, &DEV);
+    (theta, random_batch(model, support, seed + 1, F64, &DEV), random_batch(model, query, seed + 2, F64, &DEV))
+}
+
+#[test]
+fn parameter_names_and_shapes_are_pytorchs() {
+    let omniglot = Conv4::omniglot(5);
+    assert_eq!(omniglot.features(), 64);
+    let mini = Conv4::mini_imagenet(5);
+    assert_eq!(mini.features(), 800);
+    let names: Vec<String> = omniglot.parameter_shapes().into_iter().map(|(n, _)| n).collect();
+    assert_eq!(&names[..4], ["conv1.weight", "conv1.bias", "bn1.weight", "bn1.bias"]);
+    assert_eq!(&names[16..], ["head.weight", "head.bias"]);
+    let shapes = mini.parameter_shapes();
+    assert_eq!(shapes[0].1, vec![32, 3, 3, 3]);
+    assert_eq!(shapes[4].1, vec![32, 32, 3, 3]);
+    assert_eq!(shapes[16].1, vec![5, 800]);
+    // 4 blocks of conv (w, b) + bn (w, b) and the head.
+    assert_eq!(omniglot.parameter_count(), (64 * 9 + 64 * 3) + 3 * (64 * 64 * 9 + 64 * 3) + 5 * 64 + 5);
+}
+
+#[test]
+fn forward_gives_logits_per_image_for_both_dataset_shapes() {
+    for model in [Conv4::omniglot(5), Conv4::mini_imagenet(5)] {
+        let (theta, support, _) = task(&model, 5, 1, 1);
+        let logits = model.forward(&theta, &support.images);
+        assert_eq!(logits.dims(), vec![5, 5]);
+        assert!(logits.to_vec().iter().all(|v| v.is_finite()));
+    }
+}
+
+#[test]
+fn whole_model_gradient_at_outer_level_equals_single_level_gradient() {
+    let model = Conv4::omniglot(5);
+    let (theta, support, _) = task(&model, 5, 1, 2);
+    let loss = BatchLoss { model: &model, batch: &support };
+    let (value, single) = value_and_grad(&loss, &theta);
+    let (nested_value, nested) = value_and_grad(&loss, &lift(&theta));
+    let nested: Vec<Tensor<Flex>> = nested.iter().map(|g| g.to_base()).collect();
+    let err = relative_error(&flatten(&nested), &flatten(&single));
+    assert!(err < 1e-12, "outer-level gradient differs from Autodiff<Flex> gradient: {err:.2e}");
+    assert!((value.item() - nested_value.item()).abs() < 1e-14);
+    assert!(norm(&flatten(&single)) > 1e-3, "gradient should not vanish");
+}
+
+#[test]
+fn whole_model_gradient_matches_finite_differences() {
+    let model = small_omniglot();
+    let (theta, support, _) = task(&model, 5, 1, 3);
+    let loss = BatchLoss { model: &model, batch: &support };
+    let (_, grad) = value_and_grad(&loss, &theta);
+    let gnorm = norm(&flatten(&grad));
+    let mut r = rng(30);
+    for _ in 0..3 {
+        let d = random_unit_direction(&mut r, &theta);
+        let numeric = fd_directional(&|p| loss.eval(p).item(), &theta, &d);
+        let err = (dot_all(&grad, &d) - numeric).abs() / gnorm;
+        assert!(err < 1e-6, "directional derivative off by {err:.2e} (relative to ‖∇L‖)");
+    }
+}
+
+#[test]
+fn model_hessian_vector_products_match_finite_differences_and_are_symmetric() {
+    let model = small_omniglot();
+    let (theta, support, _) = task(&model, 5, 1, 4);
+    let loss = BatchLoss { model: &model, batch: &support };
+    let mut r = rng(40);
+    let u = random_unit_direction(&mut r, &theta);
+    let v = random_unit_direction(&mut r, &theta);
+    let (_, _, hu) = hvp(&loss, &theta, &u);
+    let (_, _, hv) = hvp(&loss, &theta, &v);
+    let err = relative_error(&flatten(&hv), &fd_hvp(&loss, &theta, &v));
+    assert!(err < 1e-6, "H·v differs from finite differences of gradients by {err:.2e}");
+    let (uhv, vhu) = (dot_all(&u, &hv), dot_all(&v, &hu));
+    assert!((uhv - vhu).abs() <= 1e-10 * uhv.abs().max(vhu.abs()).max(1e-8), "u·Hv = {uhv} but v·Hu = {vhu}");
+}
+
+#[test]
+fn full_width_omniglot_hvp_matches_finite_differences() {
+    let model = Conv4::omniglot(5);
+    let (theta, support, _) = task(&model, 5, 1, 5);
+    let loss = BatchLoss { model: &model, batch: &support };
+    let v = random_unit_direction(&mut rng(50), &theta);
+    let (_, _, hv) = hvp(&loss, &theta, &v);
+    let err = relative_error(&flatten(&hv), &fd_hvp(&loss, &theta, &v));
+    assert!(err < 1e-6, "H·v off by {err:.2e}");
+}
+
+/// MAML meta-gradients for r = 1 and 2, both implementations, against
+/// central differences of θ ↦ L_q(φ_r(θ)); FO-MAML must be visibly off.
+#[test]
+fn maml_meta_gradients_match_finite_differences_of_the_meta_loss() {
+    let model = small_omniglot();
+    let (theta, support, query) = task(&model, 5, 10, 6);
+    let s = BatchLoss { model: &model, batch: &support };
+    let q = BatchLoss { model: &model, batch: &query };
+    let lr = 0.4;
+    for steps in [1, 2] {
+        let (_, unrolled) = maml_unrolled(&s, &q, &theta, steps, lr);
+        let (_, sweep) = maml_sweep(&s, &q, &theta, steps, lr);
+        let (_, first_order) = fomaml(&s, &q, &theta, steps, lr);
+        let agree = relative_error(&flatten(&sweep), &flatten(&unrolled));
+        assert!(agree < 1e-10, "r={steps}: sweep and unrolled MAML differ by {agree:.2e}");
+        let gnorm = norm(&flatten(&unrolled));
+        let mut r = rng(60 + steps as u64);
+        for _ in 0..3 {
+            let d = random_unit_direction(&mut r, &theta);
+            let numeric = fd_directional(&|p| meta_loss(&s, &q, p, steps, lr), &theta, &d);
+            let err = (dot_all(&unrolled, &d) - numeric).abs() / gnorm;
+            assert!(err < 1e-6, "r={steps}: MAML meta-gradient off by {err:.2e} along a random direction");
+        }
+        let fo_total = relative_error(&flatten(&first_order), &flatten(&unrolled));
+        assert!(fo_total > 1e-3, "r={steps}: FO-MAML should differ from exact MAML, got {fo_total:.2e}");
+    }
+}

@@ -1,0 +1,71 @@
+//! The same derivatives on wgpu (f32) as on Flex (f64). Kept to one test:
+//! on a software rasteriser the first call compiles kernels for a minute.
+
+use burn::backend::Flex;
+use burn::backend::wgpu::CubeBackend;
+use metagrad::backend::{wgpu_adapters, wgpu_device};
+use metagrad::bench::random_batch;
+use metagrad::diff::{hvp, value_and_grad};
+use metagrad::model::{BatchLoss, Conv4};
+use metagrad::store::HostTensor;
+use metagrad::tensor::{Precision, Tensor};
+
+use crate::common::*;
+use crate::ops::{ALL_OPS, host_case};
+
+/// Whether wgpu can run here; CI sets METAGRAD_REQUIRE_WGPU=1 so a missing
+/// driver fails instead of skipping.
+fn wgpu_available() -> bool {
+    if !wgpu_adapters().is_empty() {
+        return true;
+    }
+    assert!(std::env::var_os("METAGRAD_REQUIRE_WGPU").is_none(), "METAGRAD_REQUIRE_WGPU is set but no wgpu adapter was found");
+    eprintln!("skipping wgpu test: no wgpu adapter on this machine");
+    false
+}
+
+fn host<B: metagrad::tensor::Level>(ts: &[Tensor<B>]) -> Vec<f64> {
+    ts.iter().flat_map(|t| HostTensor::from_tensor(t).to_f64()).collect()
+}
+
+#[test]
+fn wgpu_f32_derivatives_agree_with_flex_f64() {
+    if !wgpu_available() {
+        return;
+    }
+    let device = wgpu_device();
+    let mut failures = Vec::new();
+    for (k, op) in ALL_OPS.iter().enumerate() {
+        let case = host_case(*op, 500 + k as u64);
+        let (loss64, x64) = case.load::<Flex>(*op, F64, &DEV);
+        let (loss32, x32) = case.load::<CubeBackend>(*op, Precision::F32, &device);
+        let d64 = random_unit_direction(&mut rng(600 + k as u64), &x64);
+        let d32: Vec<Tensor<CubeBackend>> = d64.iter().map(|d| HostTensor::from_tensor(d).to_tensor(Precision::F32, &device)).collect();
+        let (_, g64, h64) = hvp(&loss64, &x64, &d64);
+        let (_, g32, h32) = hvp(&loss32, &x32, &d32);
+        let eg = relative_error(&host(&g32), &host(&g64));
+        let eh = relative_error(&host(&h32), &host(&h64));
+        if !(eg < 1e-4 && eh < 1e-3) {
+            failures.push(format!("{op:?}: gradient error {eg:.2e}, Hessian-vector error {eh:.2e}"));
+        }
+    }
+    assert!(failures.is_empty(), "wgpu f32 vs Flex f64:\n{}", failures.join("\n"));
+
+    // The whole Conv-4 loss: gradient and H·v.
+    let model = Conv4 { channels: 16, ..Conv4::omniglot(5) };
+    let theta64 = model.init::<Flex>(1, F64, &DEV);
+    let theta32 = model.init::<CubeBackend>(1, Precision::F32, &device);
+    let b64 = random_batch(&model, 5, 2, F64, &DEV);
+    let b32 = random_batch(&model, 5, 2, Precision::F32, &device);
+    let v64 = random_unit_direction(&mut rng(3), &theta64);
+    let v32: Vec<Tensor<CubeBackend>> = v64.iter().map(|d| HostTensor::from_tensor(d).to_tensor(Precision::F32, &device)).collect();
+    let (l64, g64) = value_and_grad(&BatchLoss { model: &model, batch: &b64 }, &theta64);
+    let (l32, g32) = value_and_grad(&BatchLoss { model: &model, batch: &b32 }, &theta32);
+    assert!((l64.item() - l32.item()).abs() < 1e-4 * l64.item().abs(), "loss {} vs {}", l32.item(), l64.item());
+    let eg = relative_error(&host(&g32), &host(&g64));
+    assert!(eg < 1e-4, "Conv-4 gradient on wgpu off by {eg:.2e}");
+    let (_, _, h64) = hvp(&BatchLoss { model: &model, batch: &b64 }, &theta64, &v64);
+    let (_, _, h32) = hvp(&BatchLoss { model: &model, batch: &b32 }, &theta32, &v32);
+    let eh = relative_error(&host(&h32), &host(&h64));
+    assert!(eh < 1e-3, "Conv-4 Hessian-vector product on wgpu off by {eh:.2e}");
+}
