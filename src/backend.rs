@@ -52,35 +52,40 @@ pub struct Adapter {
     pub software: bool,
 }
 
-/// Every adapter wgpu finds on Vulkan, Metal, DX12 and OpenGL (asked once per
-/// process: instances that come and go can crash some Vulkan loaders).
+/// Every adapter wgpu finds: on Vulkan, Metal and DX12, or on OpenGL when
+/// none of those has one (wgpu's own order of preference). Asked once per
+/// process: instances that come and go can crash some Vulkan loaders.
 pub fn wgpu_adapters() -> &'static [Adapter] {
     static ADAPTERS: OnceLock<Vec<Adapter>> = OnceLock::new();
     ADAPTERS.get_or_init(|| {
-        let backends = wgpu::Backends::VULKAN | wgpu::Backends::METAL | wgpu::Backends::DX12 | wgpu::Backends::GL;
-        let instance = wgpu::Instance::new(wgpu::InstanceDescriptor {
-            backends,
-            ..wgpu::InstanceDescriptor::new_without_display_handle()
-        });
-        let adapters = burn::tensor::try_read_sync(instance.enumerate_adapters(backends)).unwrap_or_default();
-        adapters
-            .iter()
-            .map(|a| {
-                let info = a.get_info();
-                let lower = format!("{} {}", info.name, info.driver).to_lowercase();
-                let software = info.device_type == wgpu::DeviceType::Cpu
-                    || ["llvmpipe", "lavapipe", "swiftshader", "softpipe", "warp"].iter().any(|s| lower.contains(s));
-                Adapter {
-                    name: info.name.clone(),
-                    api: format!("{:?}", info.backend),
-                    device_type: format!("{:?}", info.device_type),
-                    driver: info.driver.clone(),
-                    driver_info: info.driver_info.clone(),
-                    software,
-                }
-            })
-            .collect()
+        let native = probe(wgpu::Backends::VULKAN | wgpu::Backends::METAL | wgpu::Backends::DX12);
+        if native.is_empty() { probe(wgpu::Backends::GL) } else { native }
     })
+}
+
+fn probe(backends: wgpu::Backends) -> Vec<Adapter> {
+    let instance = wgpu::Instance::new(wgpu::InstanceDescriptor {
+        backends,
+        ..wgpu::InstanceDescriptor::new_without_display_handle()
+    });
+    let adapters = burn::tensor::try_read_sync(instance.enumerate_adapters(backends)).unwrap_or_default();
+    adapters
+        .iter()
+        .map(|a| {
+            let info = a.get_info();
+            let lower = format!("{} {}", info.name, info.driver).to_lowercase();
+            let software = info.device_type == wgpu::DeviceType::Cpu
+                || ["llvmpipe", "lavapipe", "swiftshader", "softpipe", "warp"].iter().any(|s| lower.contains(s));
+            Adapter {
+                name: info.name.clone(),
+                api: format!("{:?}", info.backend),
+                device_type: format!("{:?}", info.device_type),
+                driver: info.driver.clone(),
+                driver_info: info.driver_info.clone(),
+                software,
+            }
+        })
+        .collect()
 }
 
 /// A resolved choice of backend and precision.

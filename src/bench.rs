@@ -13,7 +13,7 @@ use serde::Serialize;
 
 use crate::backend::OnBackend;
 use crate::diff::{hvp, value_and_grad};
-use crate::hypergrad::maml_sweep;
+use crate::hypergrad::{InnerLoop, Mode, QRule, Task, hypergradient, maml};
 use crate::model::{Batch, BatchLoss, Conv4};
 use crate::tensor::{Level, Precision, Tensor};
 
@@ -56,6 +56,21 @@ pub fn random_batch<B: Level>(model: &Conv4, n: usize, seed: u64, precision: Pre
     Batch::new(images, (0..n).map(|i| i % model.way).collect(), model.way)
 }
 
+/// Give freed heap pages back to the OS so the next high-water mark starts
+/// from live memory, not from what the allocator kept.
+fn release_free_heap() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        unsafe extern "C" {
+            fn malloc_trim(pad: usize) -> i32;
+        }
+        // SAFETY: glibc's malloc_trim only returns unused heap pages to the OS.
+        unsafe {
+            malloc_trim(0);
+        }
+    }
+}
+
 fn current_rss_kib(field: &str) -> Option<f64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     status
@@ -78,6 +93,7 @@ impl<B: Backend> MemoryProbe<B> {
         if let Some(usage) = B::memory_pool_usage(device) {
             return MemoryProbe { device: device.clone(), baseline: Some(usage.bytes_reserved as f64), on_device: true };
         }
+        release_free_heap();
         let _ = std::fs::write("/proc/self/clear_refs", "5");
         MemoryProbe { device: device.clone(), baseline: current_rss_kib("VmRSS:").map(|k| k * 1024.0), on_device: false }
     }
@@ -96,6 +112,21 @@ impl<B: Backend> MemoryProbe<B> {
     fn source(&self) -> &'static str {
         if self.on_device { "device allocator (bytes reserved)" } else { "process high-water mark (VmHWM)" }
     }
+}
+
+/// Mean milliseconds of `f` over `iters` runs after `warmup` (the mean, not
+/// the median, since UFO's cost is an expectation over its draws).
+fn mean_ms<B: Backend>(device: &Device<B>, warmup: usize, iters: usize, mut f: impl FnMut()) -> f64 {
+    for _ in 0..warmup {
+        f();
+        let _ = B::sync(device);
+    }
+    let start = Instant::now();
+    for _ in 0..iters.max(1) {
+        f();
+    }
+    let _ = B::sync(device);
+    start.elapsed().as_secs_f64() * 1e3 / iters.max(1) as f64
 }
 
 /// Median and minimum milliseconds of `f` over `iters` runs after `warmup`,
@@ -152,7 +183,7 @@ impl OnBackend for AutodiffBench {
                     let _ = hvp(&support_loss, &theta, &direction);
                 }),
                 case("maml step (exact, r=1)", &mut || {
-                    let _ = maml_sweep(&support_loss, &query_loss, &theta, 1, 0.4);
+                    let _ = maml(&support_loss, &query_loss, &theta, &InnerLoop { steps: 1, lr: 0.4 });
                 }),
             ];
             let gradient_ms = cases[0].1;
@@ -184,6 +215,102 @@ pub fn format_table(rows: &[BenchRow]) -> String {
         out.push_str(&format!(
             "{:<42} {:<10} {:<26} {:>10.2} {:>10.2} {:>8.2} {:>12}\n",
             r.workload, r.backend, r.operation, r.ms_median, r.ms_min, r.relative_to_gradient, mem
+        ));
+    }
+    out
+}
+
+pub fn hypergrad_shapes() -> Vec<TaskShape> {
+    vec![
+        TaskShape { name: "omniglot 5-way 1-shot", model: Conv4::omniglot(5), support: 5, query: 5 },
+        TaskShape { name: "mini-imagenet 5-way 5-shot", model: Conv4::mini_imagenet(5), support: 25, query: 75 },
+    ]
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct HypergradRow {
+    pub workload: String,
+    pub backend: String,
+    pub mode: String,
+    pub inner_steps: usize,
+    pub ms_per_task: f64,
+    pub peak_memory_mib: Option<f64>,
+    pub memory_source: String,
+    /// For ufo: the fraction of tasks run (warm-up included) that took the exact branch.
+    pub exact_fraction: Option<f64>,
+}
+
+/// `metagrad bench hypergrad`: time per task and peak memory of every mode
+/// over a grid of inner steps.
+pub struct HypergradBench {
+    pub steps: Vec<usize>,
+    pub iters: usize,
+    pub warmup: usize,
+    pub ufo_q: f64,
+    pub backend_name: String,
+    /// Largest r for the unrolled MAML, whose memory grows with r.
+    pub unrolled_max_steps: usize,
+}
+
+impl OnBackend for HypergradBench {
+    type Output = Vec<HypergradRow>;
+
+    fn run<B: Level<Base = B>>(self, device: Device<B>, precision: Precision) -> Vec<HypergradRow> {
+        use rand::SeedableRng;
+        let mut rows = Vec::new();
+        for shape in hypergrad_shapes() {
+            let model = shape.model;
+            let theta = model.init::<B>(0, precision, &device);
+            let task = Task {
+                support: random_batch(&model, shape.support, 1, precision, &device),
+                query: random_batch(&model, shape.query, 2, precision, &device),
+            };
+            for &steps in &self.steps {
+                let inner = InnerLoop { steps, lr: 0.1 };
+                let mut modes = vec![Mode::Maml, Mode::Fomaml, Mode::Ufo(QRule::Fixed(self.ufo_q)), Mode::Implicit { lambda: 2.0, cg_steps: 5 }];
+                if steps <= self.unrolled_max_steps {
+                    modes.insert(1, Mode::MamlUnrolled);
+                }
+                for mut mode in modes {
+                    let support = crate::model::BatchLoss { model: &model, batch: &task.support };
+                    let query = crate::model::BatchLoss { model: &model, batch: &task.query };
+                    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(steps as u64);
+                    let (mut exact, mut total) = (0usize, 0usize);
+                    let probe = MemoryProbe::<B>::start(&device);
+                    let ms = mean_ms::<B>(&device, self.warmup, self.iters, || {
+                        let h = hypergradient(&mut mode, &support, &query, &theta, &inner, &mut rng);
+                        total += 1;
+                        exact += usize::from(h.exact_branch == Some(true));
+                    });
+                    let is_ufo = matches!(mode, Mode::Ufo(_));
+                    rows.push(HypergradRow {
+                        workload: format!("{} ({}+{} images)", shape.name, shape.support, shape.query),
+                        backend: format!("{} {}", self.backend_name, precision.name()),
+                        mode: if is_ufo { format!("ufo (q={})", self.ufo_q) } else { mode.name().to_string() },
+                        inner_steps: steps,
+                        ms_per_task: ms,
+                        peak_memory_mib: probe.peak_mib(),
+                        memory_source: probe.source().to_string(),
+                        exact_fraction: is_ufo.then(|| exact as f64 / total.max(1) as f64),
+                    });
+                }
+            }
+        }
+        rows
+    }
+}
+
+pub fn format_hypergrad_table(rows: &[HypergradRow]) -> String {
+    let mut out = format!(
+        "{:<44} {:<10} {:<16} {:>3} {:>12} {:>10} {:>7}\n",
+        "workload", "backend", "mode", "r", "ms/task", "peak MiB", "exact"
+    );
+    for r in rows {
+        let mem = r.peak_memory_mib.map(|m| format!("{m:.1}")).unwrap_or_else(|| "n/a".into());
+        let exact = r.exact_fraction.map(|f| format!("{f:.2}")).unwrap_or_default();
+        out.push_str(&format!(
+            "{:<44} {:<10} {:<16} {:>3} {:>12.1} {:>10} {:>7}\n",
+            r.workload, r.backend, r.mode, r.inner_steps, r.ms_per_task, mem, exact
         ));
     }
     out

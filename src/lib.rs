@@ -12,6 +12,7 @@
 pub mod backend;
 pub mod bench;
 pub mod diff;
+pub mod episode;
 pub mod hypergrad;
 pub mod model;
 pub mod store;

@@ -37,6 +37,19 @@ impl Conv4 {
         Conv4 { in_channels: 3, image_size: 84, channels: 32, way }
     }
 
+    /// The Conv-4 for a dataset's images: `omniglot` and `synthetic` (1×28×28,
+    /// 64 channels) or `mini-imagenet` (3×84×84, 32 channels).
+    pub fn for_dataset(dataset: &str, way: usize) -> anyhow::Result<Self> {
+        if way < 2 {
+            anyhow::bail!("way = {way}: a few-shot task needs at least 2 classes");
+        }
+        match dataset {
+            "omniglot" | "synthetic" => Ok(Conv4::omniglot(way)),
+            "mini-imagenet" => Ok(Conv4::mini_imagenet(way)),
+            other => anyhow::bail!("unknown dataset '{other}': expected omniglot, mini-imagenet or synthetic"),
+        }
+    }
+
     /// Spatial size after the four 2×2 pools (floor at each).
     pub fn final_size(&self) -> usize {
         (0..BLOCKS).fold(self.image_size, |s, _| s / 2)

@@ -197,6 +197,24 @@ pub fn check_params(model: &Conv4, tensors: &BTreeMap<String, HostTensor>, sourc
     Ok(())
 }
 
+/// The Conv-4 that named host tensors describe, for images of `image_size`:
+/// width and input channels from `conv1.weight`, classes from `head.weight`.
+pub fn infer_conv4(tensors: &BTreeMap<String, HostTensor>, image_size: usize, source: &str) -> Result<Conv4> {
+    let shape = |name: &str| {
+        tensors
+            .get(name)
+            .map(|t| t.shape.clone())
+            .with_context(|| format!("{source}: parameter '{name}' is missing; this is not a Conv-4 parameter file"))
+    };
+    let (conv1, head) = (shape("conv1.weight")?, shape("head.weight")?);
+    if conv1.len() != 4 || head.len() != 2 {
+        bail!("{source}: conv1.weight {conv1:?} or head.weight {head:?} is not a Conv-4 layout");
+    }
+    let model = Conv4 { in_channels: conv1[1], image_size, channels: conv1[0], way: head[0] };
+    check_params(&model, tensors, source)?;
+    Ok(model)
+}
+
 /// Load Conv-4 parameters from a safetensors file, validated against `model`.
 pub fn load_params<B: Level>(
     path: &Path,

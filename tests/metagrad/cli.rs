@@ -49,3 +49,75 @@ fn bad_requests_are_clear_errors_not_panics() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown backend 'tpu'"));
 }
+
+fn random_episode(way: usize, shot: usize, queries: usize, seed: u64) -> metagrad::episode::Episode {
+    use metagrad::episode::{Episode, LabelledImages};
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let mut part = |n: usize| LabelledImages {
+        images: (0..n * 28 * 28).map(|_| rng.random::<f32>()).collect(),
+        shape: [n, 1, 28, 28],
+        labels: (0..n).map(|i| i % way).collect(),
+    };
+    Episode { way, support: part(way * shot), query: part(way * queries) }
+}
+
+#[test]
+fn hypergrad_writes_one_tensor_per_parameter_and_the_query_loss() {
+    let dir = std::env::temp_dir().join(format!("metagrad-cli-hg-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (params, episode) = (dir.join("p.safetensors"), dir.join("e.safetensors"));
+    assert!(metagrad(&["init", "--way", "5", "--out", params.to_str().unwrap()]).status.success());
+    random_episode(5, 1, 2, 1).write(&episode).unwrap();
+    let run = |mode: &str, extra: &[&str], out: &std::path::Path| {
+        let mut args = vec!["hypergrad", "--params", params.to_str().unwrap(), "--episode", episode.to_str().unwrap(), "--mode", mode];
+        args.extend_from_slice(&["--inner-steps", "2", "--inner-lr", "0.3", "--backend", "cpu", "--precision", "f64", "--out", out.to_str().unwrap()]);
+        args.extend_from_slice(extra);
+        let o = metagrad(&args);
+        assert!(o.status.success(), "{mode}: {}", String::from_utf8_lossy(&o.stderr));
+        (String::from_utf8_lossy(&o.stdout).to_string(), metagrad::store::read_safetensors(out).unwrap())
+    };
+    let (_, sweep) = run("maml", &[], &dir.join("g1.safetensors"));
+    let (_, unrolled) = run("maml-unrolled", &[], &dir.join("g2.safetensors"));
+    assert_eq!(sweep.len(), 19, "18 parameters and query_loss");
+    assert_eq!(sweep["query_loss"].shape, vec![1]);
+    // One relative error over all parameters: conv biases before batch norm have a true gradient of zero.
+    let all = |g: &std::collections::BTreeMap<String, metagrad::store::HostTensor>| -> Vec<f64> {
+        g.iter().filter(|(n, _)| n.as_str() != "query_loss").flat_map(|(_, t)| t.to_f64()).collect()
+    };
+    let (a, b) = (all(&sweep), all(&unrolled));
+    let diff = a.iter().zip(&b).map(|(x, y)| (x - y).powi(2)).sum::<f64>().sqrt();
+    let scale = b.iter().map(|y| y * y).sum::<f64>().sqrt();
+    assert!(diff < 1e-9 * scale, "maml and maml-unrolled differ: {diff:e} vs norm {scale:e}");
+    assert_eq!(sweep["query_loss"].to_f64(), unrolled["query_loss"].to_f64());
+    let (stdout, _) = run("ufo", &["--q", "0.5", "--samples", "100", "--seed", "3"], &dir.join("g3.safetensors"));
+    assert!(stdout.contains("mean of 100 estimates"), "{stdout}");
+    let (_, implicit) = run("implicit", &["--lambda", "2", "--cg-steps", "3"], &dir.join("g4.safetensors"));
+    assert_eq!(implicit["head.weight"].shape, vec![5, 64]);
+}
+
+#[test]
+fn hypergrad_bad_input_names_the_value_and_the_allowed_range() {
+    let dir = std::env::temp_dir().join(format!("metagrad-cli-bad-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (params, params20, episode) = (dir.join("p.safetensors"), dir.join("p20.safetensors"), dir.join("e.safetensors"));
+    assert!(metagrad(&["init", "--way", "5", "--out", params.to_str().unwrap()]).status.success());
+    assert!(metagrad(&["init", "--way", "20", "--out", params20.to_str().unwrap()]).status.success());
+    random_episode(5, 1, 1, 2).write(&episode).unwrap();
+    let err = |p: &std::path::Path, extra: &[&str]| {
+        let mut args = vec!["hypergrad", "--params", p.to_str().unwrap(), "--episode", episode.to_str().unwrap(), "--backend", "cpu", "--out", "/tmp/never.safetensors"];
+        args.extend_from_slice(extra);
+        let o = metagrad(&args);
+        assert!(!o.status.success());
+        let e = String::from_utf8_lossy(&o.stderr).to_string();
+        assert!(!e.contains("panicked"), "{e}");
+        e
+    };
+    assert!(err(&params, &["--mode", "reptile"]).contains("unknown mode 'reptile'"));
+    assert!(err(&params, &["--mode", "ufo", "--q", "0"]).contains("q = 0"));
+    assert!(err(&params, &["--mode", "ufo", "--q", "1.2"]).contains("(0, 1]"));
+    assert!(err(&params, &["--mode", "implicit", "--lambda", "0"]).contains("lambda = 0"));
+    assert!(err(&params, &["--mode", "maml", "--inner-steps", "0"]).contains("inner steps = 0"));
+    let e = err(&params20, &["--mode", "maml"]);
+    assert!(e.contains("5-way") && e.contains("20-way"), "{e}");
+}

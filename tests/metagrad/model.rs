@@ -6,7 +6,7 @@
 use burn::backend::Flex;
 use metagrad::bench::random_batch;
 use metagrad::diff::{Objective, dot_all, hvp, lift, value_and_grad};
-use metagrad::hypergrad::{fomaml, maml_sweep, maml_unrolled, meta_loss};
+use metagrad::hypergrad::{InnerLoop, fomaml, maml, maml_unrolled, meta_loss};
 use metagrad::model::{Batch, BatchLoss, Conv4};
 use metagrad::tensor::Tensor;
 
@@ -115,18 +115,18 @@ fn maml_meta_gradients_match_finite_differences_of_the_meta_loss() {
     let (theta, support, query) = task(&model, 5, 10, 6);
     let s = BatchLoss { model: &model, batch: &support };
     let q = BatchLoss { model: &model, batch: &query };
-    let lr = 0.4;
     for steps in [1, 2] {
-        let (_, unrolled) = maml_unrolled(&s, &q, &theta, steps, lr);
-        let (_, sweep) = maml_sweep(&s, &q, &theta, steps, lr);
-        let (_, first_order) = fomaml(&s, &q, &theta, steps, lr);
+        let inner = InnerLoop { steps, lr: 0.4 };
+        let unrolled = maml_unrolled(&s, &q, &theta, &inner).grad;
+        let sweep = maml(&s, &q, &theta, &inner).grad;
+        let first_order = fomaml(&s, &q, &theta, &inner).grad;
         let agree = relative_error(&flatten(&sweep), &flatten(&unrolled));
         assert!(agree < 1e-10, "r={steps}: sweep and unrolled MAML differ by {agree:.2e}");
         let gnorm = norm(&flatten(&unrolled));
         let mut r = rng(60 + steps as u64);
         for _ in 0..3 {
             let d = random_unit_direction(&mut r, &theta);
-            let numeric = fd_directional(&|p| meta_loss(&s, &q, p, steps, lr), &theta, &d);
+            let numeric = fd_directional(&|p| meta_loss(&s, &q, p, &inner), &theta, &d);
             let err = (dot_all(&unrolled, &d) - numeric).abs() / gnorm;
             assert!(err < 1e-6, "r={steps}: MAML meta-gradient off by {err:.2e} along a random direction");
         }

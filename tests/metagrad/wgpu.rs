@@ -6,6 +6,9 @@ use burn::backend::wgpu::CubeBackend;
 use metagrad::backend::{wgpu_adapters, wgpu_device};
 use metagrad::bench::random_batch;
 use metagrad::diff::{hvp, value_and_grad};
+use metagrad::hypergrad::{InnerLoop, Mode, QRule, Task, task_hypergradient};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
 use metagrad::model::{BatchLoss, Conv4};
 use metagrad::store::HostTensor;
 use metagrad::tensor::{Precision, Tensor};
@@ -68,4 +71,30 @@ fn wgpu_f32_derivatives_agree_with_flex_f64() {
     let (_, _, h32) = hvp(&BatchLoss { model: &model, batch: &b32 }, &theta32, &v32);
     let eh = relative_error(&host(&h32), &host(&h64));
     assert!(eh < 1e-3, "Conv-4 Hessian-vector product on wgpu off by {eh:.2e}");
+
+    // One smoke test per hypergradient mode: wgpu f32 against Flex f64.
+    let q64 = random_batch(&model, 5, 4, F64, &DEV);
+    let q32 = random_batch(&model, 5, 4, Precision::F32, &device);
+    let task64 = Task { support: b64, query: q64 };
+    let task32 = Task { support: b32, query: q32 };
+    let inner = InnerLoop { steps: 2, lr: 0.1 };
+    let modes = [
+        Mode::Maml,
+        Mode::MamlUnrolled,
+        Mode::Fomaml,
+        Mode::Ufo(QRule::Fixed(0.5)),
+        Mode::Implicit { lambda: 2.0, cg_steps: 3 },
+    ];
+    let mut failures = Vec::new();
+    for mode in modes {
+        // The same seed gives the same Bernoulli draws on both backends (they are drawn on the host).
+        let r64 = task_hypergradient(&mut mode.clone(), &model, &task64, &theta64, &inner, &mut ChaCha8Rng::seed_from_u64(5));
+        let r32 = task_hypergradient(&mut mode.clone(), &model, &task32, &theta32, &inner, &mut ChaCha8Rng::seed_from_u64(5));
+        let err = relative_error(&host(&r32.hypergradient.grad), &host(&r64.hypergradient.grad));
+        let loss_err = (r32.hypergradient.query_loss - r64.hypergradient.query_loss).abs();
+        if !(err < 1e-3 && loss_err < 1e-4 && r32.hypergradient.exact_branch == r64.hypergradient.exact_branch) {
+            failures.push(format!("{}: hypergradient error {err:.2e}, query-loss error {loss_err:.2e}", mode.name()));
+        }
+    }
+    assert!(failures.is_empty(), "modes on wgpu f32 vs Flex f64:\n{}", failures.join("\n"));
 }
