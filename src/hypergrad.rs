@@ -264,10 +264,42 @@ where
     Hypergradient { grad, query_loss: loss.item(), adapted: phi_r, exact_branch: None, q: None }
 }
 
+/// What UFO mixes: the adaptation, g_fo = ∇L_q(φ_r), and, when the exact
+/// branch runs, g_maml from the sweep (which reuses the adaptation and g_fo,
+/// so the exact branch costs only the r Hessian-vector products).
+struct UfoParts<Base: Level> {
+    query_loss: f64,
+    adapted: Vec<Tensor<Base>>,
+    g_fo: Vec<Tensor<Base>>,
+    g_maml: Option<Vec<Tensor<Base>>>,
+}
+
+impl<Base: Level> UfoParts<Base> {
+    /// g_fo + w·(g_maml − g_fo); g_fo alone when the exact branch did not run.
+    fn mix(&self, weight: f64) -> Vec<Tensor<Base>> {
+        match &self.g_maml {
+            Some(g_maml) => self.g_fo.iter().zip(g_maml).map(|(f, m)| f.add(&m.sub(f).mul_scalar(weight))).collect(),
+            None => self.g_fo.clone(),
+        }
+    }
+}
+
+fn ufo_parts<Base, S, Q>(support: &S, query: &Q, theta: &[Tensor<Base>], inner: &InnerLoop, exact: bool) -> UfoParts<Base>
+where
+    Base: Level<Base = Base>,
+    S: Objective<Base>,
+    Q: Objective<Base>,
+{
+    let mut iterates = adapt(support, theta, inner);
+    let adapted = iterates.pop().expect("φ_r");
+    let (loss, g_fo) = value_and_grad(query, &adapted);
+    let g_maml = exact.then(|| sweep(support, &iterates, g_fo.clone(), inner.lr));
+    UfoParts { query_loss: loss.item(), adapted, g_fo, g_maml }
+}
+
 /// UFO-BLO: g_fo always, the exact correction with probability q, weighted
-/// by 1/q so the estimate is unbiased. The exact branch reuses the
-/// adaptation and the query gradient, so it costs only the sweep. With an
-/// adaptive rule, exact samples update its moving averages.
+/// by 1/q so the estimate is unbiased. With an adaptive rule, exact samples
+/// update its moving averages.
 pub fn ufo<Base, S, Q>(
     support: &S,
     query: &Q,
@@ -283,20 +315,38 @@ where
 {
     let q = rule.q(inner.steps);
     let exact = rng.random::<f64>() < q;
-    let mut iterates = adapt(support, theta, inner);
-    let phi_r = iterates.pop().expect("φ_r");
-    let (loss, g_fo) = value_and_grad(query, &phi_r);
-    let grad = if exact {
-        let g_maml = sweep(support, &iterates, g_fo.clone(), inner.lr);
-        let correction: Vec<Tensor<Base>> = g_maml.iter().zip(&g_fo).map(|(m, f)| m.sub(f)).collect();
-        if let QRule::Adaptive(state) = rule {
-            state.observe(dot_all(&correction, &correction), dot_all(&g_maml, &g_maml));
-        }
-        axpy(&g_fo, 1.0 / q, &correction)
-    } else {
-        g_fo
-    };
-    Hypergradient { grad, query_loss: loss.item(), adapted: phi_r, exact_branch: Some(exact), q: Some(q) }
+    let parts = ufo_parts(support, query, theta, inner, exact);
+    if let (QRule::Adaptive(state), Some(g_maml)) = (rule, &parts.g_maml) {
+        let correction: Vec<Tensor<Base>> = g_maml.iter().zip(&parts.g_fo).map(|(m, f)| m.sub(f)).collect();
+        state.observe(dot_all(&correction, &correction), dot_all(g_maml, g_maml));
+    }
+    let grad = parts.mix(1.0 / q);
+    Hypergradient { grad, query_loss: parts.query_loss, adapted: parts.adapted, exact_branch: Some(exact), q: Some(q) }
+}
+
+/// The mean of `samples` independent UFO estimates on one task with a fixed
+/// q. The Bernoulli draws are the only randomness, so g_fo and g_maml are
+/// computed once and mixed by the number k of exact draws:
+/// mean = g_fo + k/(S·q)·(g_maml − g_fo). Returns the mean and k.
+pub fn ufo_mean<Base, S, Q>(
+    support: &S,
+    query: &Q,
+    theta: &[Tensor<Base>],
+    inner: &InnerLoop,
+    q: f64,
+    samples: usize,
+    rng: &mut impl Rng,
+) -> (Hypergradient<Base>, usize)
+where
+    Base: Level<Base = Base>,
+    S: Objective<Base>,
+    Q: Objective<Base>,
+{
+    let exact_draws = (0..samples).filter(|_| rng.random::<f64>() < q).count();
+    let parts = ufo_parts(support, query, theta, inner, exact_draws > 0);
+    let grad = parts.mix(exact_draws as f64 / (samples as f64 * q));
+    let hypergradient = Hypergradient { grad, query_loss: parts.query_loss, adapted: parts.adapted, exact_branch: Some(exact_draws > 0), q: Some(q) };
+    (hypergradient, exact_draws)
 }
 
 /// The proximal objective L_s(φ) + (λ/2)‖φ − θ‖², θ a constant.
@@ -435,35 +485,3 @@ pub fn task_hypergradient<Base: Level<Base = Base>>(
     TaskResult { hypergradient, query_accuracy }
 }
 
-/// The mean of `samples` independent UFO estimates on one task with a fixed
-/// q. The Bernoulli draws are the only randomness, so g_fo and g_maml are
-/// computed once and mixed by the number k of exact draws:
-/// mean = g_fo + k/(S·q)·(g_maml − g_fo). Returns the mean and k.
-pub fn ufo_mean<Base, S, Q>(
-    support: &S,
-    query: &Q,
-    theta: &[Tensor<Base>],
-    inner: &InnerLoop,
-    q: f64,
-    samples: usize,
-    rng: &mut impl Rng,
-) -> (Hypergradient<Base>, usize)
-where
-    Base: Level<Base = Base>,
-    S: Objective<Base>,
-    Q: Objective<Base>,
-{
-    let exact_draws = (0..samples).filter(|_| rng.random::<f64>() < q).count();
-    let mut iterates = adapt(support, theta, inner);
-    let phi_r = iterates.pop().expect("φ_r");
-    let (loss, g_fo) = value_and_grad(query, &phi_r);
-    let grad = if exact_draws > 0 {
-        let g_maml = sweep(support, &iterates, g_fo.clone(), inner.lr);
-        let correction: Vec<Tensor<Base>> = g_maml.iter().zip(&g_fo).map(|(m, f)| m.sub(f)).collect();
-        axpy(&g_fo, exact_draws as f64 / (samples as f64 * q), &correction)
-    } else {
-        g_fo
-    };
-    let hypergradient = Hypergradient { grad, query_loss: loss.item(), adapted: phi_r, exact_branch: Some(exact_draws > 0), q: Some(q) };
-    (hypergradient, exact_draws)
-}

@@ -244,6 +244,16 @@ fn hypergrad(args: HypergradArgs) -> Result<()> {
     backend::dispatch(selection, HypergradJob { args, mode, inner, model, params, episode })
 }
 
+/// Print a benchmark table and, when asked, write its rows as JSON.
+fn report(table: &str, rows: &impl serde::Serialize, json: Option<PathBuf>) -> Result<()> {
+    print!("{table}");
+    if let Some(path) = json {
+        metagrad::store::write_atomic(&path, serde_json::to_string_pretty(rows)?.as_bytes())?;
+        eprintln!("wrote {}", path.display());
+    }
+    Ok(())
+}
+
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Devices => {
@@ -275,24 +285,14 @@ fn run(cli: Cli) -> Result<()> {
             eprintln!("benchmarking hypergradient modes on {}", selection.describe());
             let job = HypergradBench { steps, iters, warmup, ufo_q, backend_name: selection.kind.name().to_string(), unrolled_max_steps };
             let rows = backend::dispatch(selection, job);
-            print!("{}", format_hypergrad_table(&rows));
-            if let Some(path) = json {
-                metagrad::store::write_atomic(&path, serde_json::to_string_pretty(&rows)?.as_bytes())?;
-                eprintln!("wrote {}", path.display());
-            }
-            Ok(())
+            report(&format_hypergrad_table(&rows), &rows, json)
         }
         Command::Bench { which: BenchCommand::Autodiff { backend: args, iters, warmup, json } } => {
             let selection = args.select()?;
             eprintln!("benchmarking on {}", selection.describe());
             let job = AutodiffBench { iters, warmup, backend_name: selection.kind.name().to_string() };
             let rows = backend::dispatch(selection, job);
-            print!("{}", format_table(&rows));
-            if let Some(path) = json {
-                metagrad::store::write_atomic(&path, serde_json::to_string_pretty(&rows)?.as_bytes())?;
-                eprintln!("wrote {}", path.display());
-            }
-            Ok(())
+            report(&format_table(&rows), &rows, json)
         }
     }
 }
