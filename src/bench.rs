@@ -188,7 +188,7 @@ impl OnBackend for AutodiffBench {
             ];
             let gradient_ms = cases[0].1;
             for (operation, median, min, peak, source) in cases {
-                rows.push(BenchRow {
+                let row = BenchRow {
                     workload: format!("{} ({}+{} images)", shape.name, shape.support, shape.query),
                     backend: format!("{} {}", self.backend_name, precision.name()),
                     operation,
@@ -197,10 +197,20 @@ impl OnBackend for AutodiffBench {
                     peak_memory_mib: peak,
                     memory_source: source,
                     relative_to_gradient: median / gradient_ms,
-                });
+                };
+                show_progress(&format_table(std::slice::from_ref(&row)));
+                rows.push(row);
             }
         }
         rows
+    }
+}
+
+/// Print a one-row table's row to stderr as soon as it is measured: a long
+/// benchmark shows its progress and keeps what it measured if stopped.
+fn show_progress(one_row_table: &str) {
+    if let Some(line) = one_row_table.lines().nth(1) {
+        eprintln!("{line}");
     }
 }
 
@@ -283,7 +293,7 @@ impl OnBackend for HypergradBench {
                         exact += usize::from(h.exact_branch == Some(true));
                     });
                     let is_ufo = matches!(mode, Mode::Ufo(_));
-                    rows.push(HypergradRow {
+                    let row = HypergradRow {
                         workload: format!("{} ({}+{} images)", shape.name, shape.support, shape.query),
                         backend: format!("{} {}", self.backend_name, precision.name()),
                         mode: if is_ufo { format!("ufo (q={})", self.ufo_q) } else { mode.name().to_string() },
@@ -292,7 +302,9 @@ impl OnBackend for HypergradBench {
                         peak_memory_mib: probe.peak_mib(),
                         memory_source: probe.source().to_string(),
                         exact_fraction: is_ufo.then(|| exact as f64 / total.max(1) as f64),
-                    });
+                    };
+                    show_progress(&format_hypergrad_table(std::slice::from_ref(&row)));
+                    rows.push(row);
                 }
             }
         }

@@ -123,7 +123,7 @@ pub enum Mode {
 }
 
 impl Mode {
-    pub const NAMES: &'static str = "maml, maml-unrolled, fomaml, ufo, implicit";
+    pub const NAMES: &'static str = "maml, maml-unrolled, fomaml, ufo, ufo-adaptive, implicit";
 
     pub fn name(&self) -> &'static str {
         match self {

@@ -81,7 +81,8 @@ struct HypergradArgs {
     /// Episode (safetensors: support_x, support_y, query_x, query_y).
     #[arg(long)]
     episode: PathBuf,
-    /// maml (exact, backward sweep), maml-unrolled (exact, unrolled graph), fomaml, ufo, implicit.
+    /// maml (exact, backward sweep), maml-unrolled (exact, unrolled graph), fomaml,
+    /// ufo (fixed --q), ufo-adaptive (q from the running moments, starting at 0.05), implicit.
     #[arg(long)]
     mode: String,
     /// Inner-loop gradient steps r.
