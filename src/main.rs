@@ -9,6 +9,7 @@ use clap::{Args, Parser, Subcommand};
 
 use metagrad::backend::{self, BackendKind, OnBackend, Selection};
 use metagrad::bench::{AutodiffBench, HypergradBench, format_hypergrad_table, format_table};
+use metagrad::data::{EpisodeSampler, EpisodeShape};
 use metagrad::episode::Episode;
 use metagrad::hypergrad::{AdaptiveQ, InnerLoop, Mode, QRule, task_hypergradient, ufo_mean};
 use metagrad::model::{BatchLoss, Conv4, accuracy};
@@ -61,6 +62,27 @@ enum Command {
         /// f32 or f64 values in the file.
         #[arg(long, default_value = "f32")]
         precision: Precision,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Write one episode sampled from a dataset as safetensors (support_x, support_y, query_x, query_y).
+    ExportEpisode {
+        /// The dataset to sample from (the embedded `synthetic` dataset).
+        #[arg(long, default_value = "synthetic")]
+        dataset: String,
+        /// train, val or test.
+        #[arg(long, default_value = "test")]
+        split: String,
+        #[arg(long, default_value_t = 5)]
+        way: usize,
+        #[arg(long, default_value_t = 1)]
+        shot: usize,
+        /// Query images per class.
+        #[arg(long, default_value_t = 15)]
+        queries: usize,
+        /// Seed of the episode stream (and of the synthetic dataset).
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
         #[arg(long)]
         out: PathBuf,
     },
@@ -278,6 +300,16 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Hypergrad(args) => hypergrad(args),
+        Command::ExportEpisode { dataset, split, way, shot, queries, seed, out } => {
+            if dataset != "synthetic" {
+                bail!("unknown dataset '{dataset}' for export-episode: this version exports from the embedded 'synthetic' dataset");
+            }
+            let split = std::sync::Arc::new(metagrad::synthetic::split(&split, seed)?);
+            let mut sampler = EpisodeSampler::new(split, EpisodeShape { way, shot, queries }, seed)?;
+            sampler.next_episode().write(&out)?;
+            println!("wrote {} ({way}-way {shot}-shot, {queries} queries per class)", out.display());
+            Ok(())
+        }
         Command::Bench { which: BenchCommand::Hypergrad { backend: args, steps, iters, warmup, ufo_q, unrolled_max_steps, json } } => {
             if steps.contains(&0) {
                 bail!("--steps: every mode needs at least 1 inner step");

@@ -121,3 +121,19 @@ fn hypergrad_bad_input_names_the_value_and_the_allowed_range() {
     let e = err(&params20, &["--mode", "maml"]);
     assert!(e.contains("5-way") && e.contains("20-way"), "{e}");
 }
+
+#[test]
+fn export_episode_feeds_hypergrad() {
+    let dir = std::env::temp_dir().join(format!("metagrad-cli-export-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (episode, params, grad) = (dir.join("e.safetensors"), dir.join("p.safetensors"), dir.join("g.safetensors"));
+    let out = metagrad(&["export-episode", "--way", "5", "--shot", "1", "--queries", "3", "--seed", "2", "--out", episode.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let e = metagrad::episode::Episode::read(&episode).unwrap();
+    assert_eq!((e.way, e.support.shape, e.query.shape), (5, [5, 1, 28, 28], [15, 1, 28, 28]));
+    assert!(metagrad(&["init", "--way", "5", "--out", params.to_str().unwrap()]).status.success());
+    let out = metagrad(&["hypergrad", "--params", params.to_str().unwrap(), "--episode", episode.to_str().unwrap(), "--mode", "fomaml", "--backend", "cpu", "--out", grad.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let bad = metagrad(&["export-episode", "--way", "500", "--out", episode.to_str().unwrap()]);
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("500-way"));
+}

@@ -2,6 +2,7 @@
 
 mod common;
 mod cli;
+mod data;
 mod hypergrad;
 mod model;
 mod ops;
