@@ -7,6 +7,7 @@
 //! - [`hypergrad`]: inner-loop adaptation and meta-gradients.
 //! - [`data`]: datasets in memory and the seeded episode sampler.
 //! - [`synthetic`]: the embedded procedural dataset.
+//! - [`omniglot`]: Omniglot from the official archives, with a binary cache.
 //! - [`episode`]: episodes as safetensors files.
 //! - [`store`]: safetensors files and atomic writes.
 //! - [`backend`]: CPU (Flex) and GPU (wgpu) selection.
@@ -19,6 +20,7 @@ pub mod diff;
 pub mod episode;
 pub mod hypergrad;
 pub mod model;
+pub mod omniglot;
 pub mod store;
 pub mod synthetic;
 pub mod tensor;

@@ -5,6 +5,7 @@ mod cli;
 mod data;
 mod hypergrad;
 mod model;
+mod omniglot;
 mod ops;
 mod store;
 mod wgpu;

@@ -1,0 +1,102 @@
+//! Omniglot from the official archives in ../shared/data/omniglot (skipped,
+//! with the reason printed, where they are absent).
+
+use std::path::PathBuf;
+
+use metagrad::omniglot::{load_characters, split};
+
+fn archives() -> Option<PathBuf> {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/data/omniglot");
+    if dir.join("images_background.zip").is_file() && dir.join("images_evaluation.zip").is_file() {
+        Some(dir)
+    } else {
+        eprintln!("skipping Omniglot test: {} does not hold the official archives", dir.display());
+        None
+    }
+}
+
+fn temp(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("metagrad-omniglot-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+#[test]
+fn omniglot_loads_from_the_archives_caches_and_splits() {
+    let Some(data) = archives() else { return };
+    let cache = temp("cache");
+    let start = std::time::Instant::now();
+    let characters = load_characters(&data, &cache, 28).unwrap();
+    eprintln!("decoded Omniglot in {:.1} s", start.elapsed().as_secs_f64());
+    assert_eq!(characters.iter().filter(|c| c.background).count(), 964);
+    assert_eq!(characters.iter().filter(|c| !c.background).count(), 659);
+    assert!(characters.iter().all(|c| c.count == 20 && c.pixels.len() == 20 * 28 * 28));
+    // Strokes are high and sparse after inversion and resizing.
+    let ink = characters[0].pixels.iter().map(|&v| v as f64).sum::<f64>() / (characters[0].pixels.len() as f64 * 255.0);
+    assert!((0.02..0.4).contains(&ink), "ink fraction {ink}");
+
+    let start = std::time::Instant::now();
+    let cached = load_characters(&data, &cache, 28).unwrap();
+    eprintln!("loaded Omniglot from the cache in {:.2} s", start.elapsed().as_secs_f64());
+    assert!(cached == characters, "the cache gives back exactly what was decoded");
+
+    // A truncated cache is rebuilt, not trusted.
+    let file = cache.join("omniglot-28.bin");
+    let bytes = std::fs::read(&file).unwrap();
+    std::fs::write(&file, &bytes[..bytes.len() - 1000]).unwrap();
+    assert!(load_characters(&data, &cache, 28).unwrap() == characters);
+    assert_eq!(std::fs::read(&file).unwrap().len(), bytes.len());
+
+    // Vinyals split: 1100 / 100 / 423 characters, ×4 with rotations, disjoint and seeded.
+    let counts: Vec<usize> = ["train", "val", "test"].iter().map(|s| split(&characters, "vinyals", s, 0, false).unwrap().classes.len()).collect();
+    assert_eq!(counts, vec![1100, 100, 423]);
+    let train = split(&characters, "vinyals", "train", 0, true).unwrap();
+    let test = split(&characters, "vinyals", "test", 0, true).unwrap();
+    assert_eq!((train.classes.len(), test.classes.len()), (4400, 1692));
+    let train_names: std::collections::HashSet<_> = train.classes.iter().map(|c| c.name.split("/rot").next().unwrap().to_string()).collect();
+    assert!(test.classes.iter().all(|c| !train_names.contains(c.name.split("/rot").next().unwrap())));
+    assert_eq!(split(&characters, "vinyals", "test", 0, false).unwrap().classes[0].name, split(&characters, "vinyals", "test", 0, false).unwrap().classes[0].name);
+    assert_ne!(split(&characters, "vinyals", "test", 1, false).unwrap().classes[0].name, test.classes[0].name);
+    // A rotation by 90° four times is the identity; one rotation is not.
+    let base = &train.classes[0];
+    let rot90 = &train.classes[1];
+    assert!(rot90.name.ends_with("/rot90"));
+    assert_ne!(base.images, rot90.images);
+
+    // Lake split: background alphabets train, evaluation alphabets test, no validation.
+    assert_eq!(split(&characters, "lake", "train", 0, false).unwrap().classes.len(), 964);
+    assert_eq!(split(&characters, "lake", "test", 0, false).unwrap().classes.len(), 659);
+    assert!(split(&characters, "lake", "val", 0, false).unwrap_err().to_string().contains("no validation"));
+}
+
+#[test]
+fn a_changed_source_or_setting_rebuilds_the_cache() {
+    let Some(data) = archives() else { return };
+    let copy = temp("changed");
+    for a in ["images_background.zip", "images_evaluation.zip"] {
+        std::fs::copy(data.join(a), copy.join(a)).unwrap();
+    }
+    let first = load_characters(&copy, &copy, 14).unwrap();
+    let cache = copy.join("omniglot-14.bin");
+    let key = |p: &PathBuf| std::fs::read(p).unwrap()[8..16].to_vec();
+    let before = key(&cache);
+    // Touch a source: same bytes, another modification time.
+    let f = std::fs::File::options().append(true).open(copy.join("images_evaluation.zip")).unwrap();
+    f.set_modified(std::time::SystemTime::now() + std::time::Duration::from_secs(60)).unwrap();
+    let again = load_characters(&copy, &copy, 14).unwrap();
+    assert_ne!(key(&cache), before, "a changed source must not reuse the old cache");
+    assert!(again == first);
+    assert_eq!(first[0].pixels.len(), 20 * 14 * 14, "the resize setting is honoured");
+}
+
+#[test]
+fn missing_or_corrupt_archives_say_what_to_do() {
+    let empty = temp("missing");
+    let e = format!("{:#}", load_characters(&empty, &empty, 28).unwrap_err());
+    assert!(e.contains("Omniglot is missing") && e.contains("--data-dir"), "{e}");
+    std::fs::write(empty.join("images_background.zip"), b"not a zip").unwrap();
+    std::fs::write(empty.join("images_evaluation.zip"), b"not a zip").unwrap();
+    let e = format!("{:#}", load_characters(&empty, &empty, 28).unwrap_err());
+    assert!(e.contains("not a readable zip archive"), "{e}");
+}
