@@ -114,13 +114,18 @@ impl<B: Backend> MemoryProbe<B> {
     }
 }
 
-/// Mean milliseconds of `f` over `iters` runs after `warmup` (the mean, not
-/// the median, since UFO's cost is an expectation over its draws).
-fn mean_ms<B: Backend>(device: &Device<B>, warmup: usize, iters: usize, mut f: impl FnMut()) -> f64 {
+/// Untimed runs first: kernels compile and autotune on the first calls.
+fn warm_up<B: Backend>(device: &Device<B>, warmup: usize, f: &mut impl FnMut()) {
     for _ in 0..warmup {
         f();
         let _ = B::sync(device);
     }
+}
+
+/// Mean milliseconds of `f` over `iters` runs after `warmup` (the mean, not
+/// the median, since UFO's cost is an expectation over its draws).
+fn mean_ms<B: Backend>(device: &Device<B>, warmup: usize, iters: usize, mut f: impl FnMut()) -> f64 {
+    warm_up::<B>(device, warmup, &mut f);
     let start = Instant::now();
     for _ in 0..iters.max(1) {
         f();
@@ -132,10 +137,7 @@ fn mean_ms<B: Backend>(device: &Device<B>, warmup: usize, iters: usize, mut f: i
 /// Median and minimum milliseconds of `f` over `iters` runs after `warmup`,
 /// each run ending with a device sync so lazy backends are timed fully.
 fn time_ms<B: Backend>(device: &Device<B>, warmup: usize, iters: usize, mut f: impl FnMut()) -> (f64, f64) {
-    for _ in 0..warmup {
-        f();
-        let _ = B::sync(device);
-    }
+    warm_up::<B>(device, warmup, &mut f);
     let mut times: Vec<f64> = (0..iters.max(1))
         .map(|_| {
             let start = Instant::now();

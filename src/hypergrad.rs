@@ -27,7 +27,7 @@ use crate::tensor::{Level, Tensor};
 
 /// θ − α·g, tensor by tensor.
 pub fn sgd_step<B: Level>(params: &[Tensor<B>], grads: &[Tensor<B>], lr: f64) -> Vec<Tensor<B>> {
-    params.iter().zip(grads).map(|(p, g)| p.sub(&g.mul_scalar(lr))).collect()
+    axpy(params, -lr, grads)
 }
 
 /// a + s·b, tensor by tensor.
@@ -469,6 +469,11 @@ pub struct TaskResult<Base: Level> {
     pub query_accuracy: f64,
 }
 
+/// Accuracy of the Conv-4 with adapted parameters on a batch.
+pub fn adapted_accuracy<Base: Level>(model: &Conv4, adapted: &[Tensor<Base>], batch: &Batch<Base>) -> f64 {
+    accuracy(&model.forward(adapted, &batch.images), &batch.labels)
+}
+
 pub fn task_hypergradient<Base: Level<Base = Base>>(
     mode: &mut Mode,
     model: &Conv4,
@@ -480,8 +485,7 @@ pub fn task_hypergradient<Base: Level<Base = Base>>(
     let support = BatchLoss { model, batch: &task.support };
     let query = BatchLoss { model, batch: &task.query };
     let hypergradient = hypergradient(mode, &support, &query, theta, inner, rng);
-    let logits = model.forward(&hypergradient.adapted, &task.query.images);
-    let query_accuracy = accuracy(&logits, &task.query.labels);
+    let query_accuracy = adapted_accuracy(model, &hypergradient.adapted, &task.query);
     TaskResult { hypergradient, query_accuracy }
 }
 

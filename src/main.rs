@@ -11,8 +11,8 @@ use metagrad::backend::{self, BackendKind, OnBackend, Selection};
 use metagrad::bench::{AutodiffBench, HypergradBench, format_hypergrad_table, format_table};
 use metagrad::data::{EpisodeSampler, EpisodeShape};
 use metagrad::episode::Episode;
-use metagrad::hypergrad::{AdaptiveQ, InnerLoop, Mode, QRule, task_hypergradient, ufo_mean};
-use metagrad::model::{BatchLoss, Conv4, accuracy};
+use metagrad::hypergrad::{AdaptiveQ, InnerLoop, Mode, QRule, adapted_accuracy, task_hypergradient, ufo_mean};
+use metagrad::model::{BatchLoss, Conv4};
 use metagrad::store::{HostTensor, infer_conv4, read_safetensors, save_params, write_safetensors};
 use metagrad::tensor::{Level, Precision, Tensor};
 use rand::SeedableRng;
@@ -222,7 +222,7 @@ impl OnBackend for HypergradJob {
                 let support = BatchLoss { model: &model, batch: &task.support };
                 let query = BatchLoss { model: &model, batch: &task.query };
                 let (h, exact) = ufo_mean(&support, &query, &theta, &inner, q, args.samples, &mut rng);
-                let acc = accuracy(&model.forward(&h.adapted, &task.query.images), &task.query.labels);
+                let acc = adapted_accuracy(&model, &h.adapted, &task.query);
                 (h, acc, format!(", mean of {} estimates, {exact} took the exact branch", args.samples))
             }
             _ => {
