@@ -329,3 +329,152 @@ pub fn format_hypergrad_table(rows: &[HypergradRow]) -> String {
     }
     out
 }
+
+/// Episodes per second one sampler thread draws from a split in memory.
+#[derive(Clone, Debug, Serialize)]
+pub struct DataRow {
+    pub workload: String,
+    /// Where the images came from: the dataset cache, or random images of the
+    /// same shape when the dataset is not installed (sampling cost depends
+    /// only on the shapes).
+    pub source: String,
+    pub episodes_per_second: f64,
+}
+
+/// A split of random images with the given shape, standing in for a dataset that is not installed.
+fn stand_in_split(classes: usize, per_class: usize, image_shape: [usize; 3]) -> crate::data::Split {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
+    let n: usize = image_shape.iter().product();
+    crate::data::Split {
+        name: "train".to_string(),
+        image_shape,
+        classes: (0..classes)
+            .map(|c| crate::data::Class { name: format!("random{c}"), pixels: (0..n * per_class).map(|_| rng.random()).collect(), count: per_class })
+            .collect(),
+    }
+}
+
+/// Sampling speed for Omniglot 5-way 1-shot 15-query and 20-way 5-shot, and
+/// Mini-ImageNet 5-way 5-shot 15-query, each for about `seconds`.
+pub fn data_bench(omniglot: &crate::dataset::DatasetSpec, mini: &crate::dataset::DatasetSpec, seconds: f64) -> anyhow::Result<Vec<DataRow>> {
+    use crate::data::{EpisodeSampler, EpisodeShape};
+    use std::sync::Arc;
+    let load = |spec: &crate::dataset::DatasetSpec, classes, per_class, shape| match spec.load_split("train") {
+        Ok(split) => (Arc::new(split), format!("{} cache", spec.kind.name())),
+        Err(e) => {
+            eprintln!("{} not loaded ({e:#}); timing random images of the same shape", spec.kind.name());
+            (Arc::new(stand_in_split(classes, per_class, shape)), "random stand-in".to_string())
+        }
+    };
+    let omni = load(omniglot, 4400, 20, [1, 28, 28]);
+    let mini_split = load(mini, 64, 600, [3, 84, 84]);
+    let workloads = [
+        ("omniglot 5-way 1-shot 15-query", &omni, EpisodeShape { way: 5, shot: 1, queries: 15 }),
+        ("omniglot 20-way 5-shot 15-query", &omni, EpisodeShape { way: 20, shot: 5, queries: 15 }),
+        ("mini-imagenet 5-way 5-shot 15-query", &mini_split, EpisodeShape { way: 5, shot: 5, queries: 15 }),
+    ];
+    let mut rows = Vec::new();
+    for (workload, (split, source), shape) in workloads {
+        let mut sampler = EpisodeSampler::new(split.clone(), shape, 0)?;
+        let start = Instant::now();
+        let mut episodes = 0usize;
+        while start.elapsed().as_secs_f64() < seconds || episodes < 10 {
+            std::hint::black_box(sampler.next_episode());
+            episodes += 1;
+        }
+        let row = DataRow { workload: workload.to_string(), source: source.clone(), episodes_per_second: episodes as f64 / start.elapsed().as_secs_f64() };
+        eprintln!("{}: {:.0} episodes/s", row.workload, row.episodes_per_second);
+        rows.push(row);
+    }
+    Ok(rows)
+}
+
+pub fn format_data_table(rows: &[DataRow]) -> String {
+    let mut out = format!("{:<38} {:<18} {:>12}\n", "workload", "images", "episodes/s");
+    for r in rows {
+        out.push_str(&format!("{:<38} {:<18} {:>12.0}\n", r.workload, r.source, r.episodes_per_second));
+    }
+    out
+}
+
+/// Training speed of one mode on one workload.
+#[derive(Clone, Debug, Serialize)]
+pub struct TrainRow {
+    pub workload: String,
+    pub backend: String,
+    pub mode: String,
+    pub meta_batch: usize,
+    pub inner_steps: usize,
+    pub meta_iterations_per_second: f64,
+    pub seconds_per_meta_iteration: f64,
+}
+
+/// Meta-iterations per second of the real training loop (sampler, every
+/// task's hypergradient, Adam), on random images of each workload's shape:
+/// Omniglot 5-way 1-shot with meta-batch 32 and one inner step, and
+/// Mini-ImageNet 5-way 1-shot with meta-batch 4 and five inner steps.
+pub fn train_bench(selection: crate::backend::Selection, steps: usize, modes: &[String]) -> anyhow::Result<Vec<TrainRow>> {
+    use std::sync::Arc;
+    let workloads = [
+        // (name, dataset, meta-batch, inner steps, inner lr, image shape, classes, images per class)
+        ("omniglot 5-way 1-shot", "omniglot", 32usize, 1usize, 0.4, [1usize, 28, 28], 4400usize, 20usize),
+        ("mini-imagenet 5-way 1-shot", "mini-imagenet", 4, 5, 0.01, [3, 84, 84], 64, 40),
+    ];
+    let dir = std::env::temp_dir().join(format!("metagrad-bench-train-{}", std::process::id()));
+    let mut rows = Vec::new();
+    for (workload, dataset, batch, inner, lr, shape, classes, per_class) in workloads {
+        let split = Arc::new(stand_in_split(classes, per_class, shape));
+        for mode in modes {
+            let (mode_keys, r, a) = match mode.as_str() {
+                "ufo" => ("name = \"ufo\"\nq_rule = \"adaptive\"\n".to_string(), inner, lr),
+                // iMAML's settings: more inner steps on the proximal problem.
+                "implicit" => ("name = \"implicit\"\nlambda = 2.0\ncg_steps = 5\n".to_string(), if dataset == "omniglot" { 16 } else { 10 }, if dataset == "omniglot" { 0.1 } else { 0.01 }),
+                m => (format!("name = \"{m}\"\n"), inner, lr),
+            };
+            let text = format!(
+                "[run]\nname = \"{}-{mode}\"\n[data]\ndataset = \"{dataset}\"\nqueries = 15\n[train]\nmeta_steps = {}\nmeta_batch = {batch}\ninner_steps = {r}\ninner_lr = {a}\n[mode]\n{mode_keys}[eval]\nevery = 0\n[checkpoint]\ndir = \"{}\"\nevery = 0\n",
+                dataset,
+                steps + 1,
+                dir.display()
+            );
+            let config = crate::config::Config::parse(&text, &[], "benchmark")?;
+            let _ = std::fs::remove_dir_all(config.run_dir());
+            let job = crate::train::TrainJob {
+                config: config.clone(),
+                resume: None,
+                progress: false,
+                stop: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+                splits: Some((split.clone(), None)),
+            };
+            crate::backend::dispatch(selection, job)?;
+            let metrics = crate::train::read_metrics(&config.run_dir().join("metrics.jsonl"))?;
+            // The first meta-iteration is warm-up (kernel compilation, allocation).
+            let seconds = (metrics[steps].elapsed_s - metrics[0].elapsed_s) / steps as f64;
+            let row = TrainRow {
+                workload: workload.to_string(),
+                backend: selection.kind.name().to_string(),
+                mode: mode.clone(),
+                meta_batch: batch,
+                inner_steps: r,
+                meta_iterations_per_second: 1.0 / seconds,
+                seconds_per_meta_iteration: seconds,
+            };
+            eprintln!("{workload} {mode}: {:.3} meta-iterations/s", row.meta_iterations_per_second);
+            rows.push(row);
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(rows)
+}
+
+pub fn format_train_table(rows: &[TrainRow]) -> String {
+    let mut out = format!("{:<28} {:<8} {:<9} {:>5} {:>3} {:>12} {:>10}\n", "workload", "backend", "mode", "tasks", "r", "meta-it/s", "s/meta-it");
+    for r in rows {
+        out.push_str(&format!(
+            "{:<28} {:<8} {:<9} {:>5} {:>3} {:>12.3} {:>10.2}\n",
+            r.workload, r.backend, r.mode, r.meta_batch, r.inner_steps, r.meta_iterations_per_second, r.seconds_per_meta_iteration
+        ));
+    }
+    out
+}

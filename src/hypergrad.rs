@@ -31,7 +31,7 @@ pub fn sgd_step<B: Level>(params: &[Tensor<B>], grads: &[Tensor<B>], lr: f64) ->
 }
 
 /// a + s·b, tensor by tensor.
-fn axpy<B: Level>(a: &[Tensor<B>], s: f64, b: &[Tensor<B>]) -> Vec<Tensor<B>> {
+pub fn axpy<B: Level>(a: &[Tensor<B>], s: f64, b: &[Tensor<B>]) -> Vec<Tensor<B>> {
     a.iter().zip(b).map(|(x, y)| x.add(&y.mul_scalar(s))).collect()
 }
 

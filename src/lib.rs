@@ -6,8 +6,16 @@
 //! - [`model`]: the Conv-4 learner with PyTorch parameter names.
 //! - [`hypergrad`]: inner-loop adaptation and meta-gradients.
 //! - [`data`]: datasets in memory and the seeded episode sampler.
+//! - [`dataset`]: dataset names, roots and split loading.
 //! - [`synthetic`]: the embedded procedural dataset.
-//! - [`omniglot`]: Omniglot from the official archives, with a binary cache.
+//! - [`omniglot`]: Omniglot from the official archives.
+//! - [`mini_imagenet`]: Mini-ImageNet in the Ravi & Larochelle layout.
+//! - [`cache`]: the binary cache of decoded images.
+//! - [`fetch`]: verified, resumable downloads.
+//! - [`plot`]: episode previews and training curves as PNG.
+//! - [`config`]: training configuration (TOML with overrides).
+//! - [`train`]: the training loop, Adam, validation and evaluation.
+//! - [`checkpoint`]: complete, atomic checkpoints and resume.
 //! - [`episode`]: episodes as safetensors files.
 //! - [`store`]: safetensors files and atomic writes.
 //! - [`backend`]: CPU (Flex) and GPU (wgpu) selection.
@@ -15,12 +23,20 @@
 
 pub mod backend;
 pub mod bench;
+pub mod cache;
+pub mod checkpoint;
+pub mod config;
 pub mod data;
+pub mod dataset;
 pub mod diff;
 pub mod episode;
+pub mod fetch;
 pub mod hypergrad;
+pub mod mini_imagenet;
 pub mod model;
 pub mod omniglot;
+pub mod plot;
 pub mod store;
 pub mod synthetic;
 pub mod tensor;
+pub mod train;

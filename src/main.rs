@@ -2,14 +2,22 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use burn::backend::tensor::Device;
 use clap::{Args, Parser, Subcommand};
 
 use metagrad::backend::{self, BackendKind, OnBackend, Selection};
 use metagrad::bench::{AutodiffBench, HypergradBench, format_hypergrad_table, format_table};
+use metagrad::checkpoint::{self, Checkpoint};
+use metagrad::config::Config;
 use metagrad::data::{EpisodeSampler, EpisodeShape};
+use metagrad::train::{EvalJob, TrainJob};
+use metagrad::dataset::{DatasetKind, DatasetSpec, resolve_data_dir};
+use metagrad::fetch::{self, Source};
+use metagrad::mini_imagenet;
 use metagrad::episode::Episode;
 use metagrad::hypergrad::{AdaptiveQ, InnerLoop, Mode, QRule, adapted_accuracy, task_hypergradient, ufo_mean};
 use metagrad::model::{BatchLoss, Conv4};
@@ -67,24 +75,29 @@ enum Command {
     },
     /// Write one episode sampled from a dataset as safetensors (support_x, support_y, query_x, query_y).
     ExportEpisode {
-        /// The dataset to sample from (the embedded `synthetic` dataset).
-        #[arg(long, default_value = "synthetic")]
-        dataset: String,
-        /// train, val or test.
-        #[arg(long, default_value = "test")]
-        split: String,
-        #[arg(long, default_value_t = 5)]
-        way: usize,
-        #[arg(long, default_value_t = 1)]
-        shot: usize,
-        /// Query images per class.
-        #[arg(long, default_value_t = 15)]
-        queries: usize,
-        /// Seed of the episode stream (and of the synthetic dataset).
-        #[arg(long, default_value_t = 0)]
-        seed: u64,
+        #[command(flatten)]
+        episode: EpisodeArgs,
         #[arg(long)]
         out: PathBuf,
+    },
+    /// Train a few-shot learner (default config: configs/omniglot-5way-1shot.toml).
+    Train(TrainArgs),
+    /// Few-shot accuracy of a checkpoint on held-out episodes, mean ± 95% CI.
+    Eval(EvalArgs),
+    /// Draw a run's loss and accuracy curves (and ufo's q) as PNG.
+    Plot {
+        /// Run name, run folder or metrics.jsonl file.
+        run: String,
+        #[arg(long, default_value = "curves.png")]
+        out: PathBuf,
+        /// Folder holding the runs.
+        #[arg(long, default_value = "checkpoints")]
+        checkpoint_dir: PathBuf,
+    },
+    /// Datasets: download, describe, preview.
+    Data {
+        #[command(subcommand)]
+        which: DataCommand,
     },
     /// One task's hypergradient from a parameter file and an episode file.
     Hypergrad(HypergradArgs),
@@ -149,8 +162,180 @@ impl HypergradArgs {
     }
 }
 
+#[derive(Args)]
+struct TrainArgs {
+    /// TOML config (see configs/). Default: configs/omniglot-5way-1shot.toml.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Override a setting, e.g. --set train.meta_lr=0.0005 --set run.backend=cpu (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
+    /// Continue a run: with no value the config's run, else a run name, run folder or step folder.
+    #[arg(long, num_args = 0..=1, default_missing_value = "", value_name = "RUN|CHECKPOINT")]
+    resume: Option<String>,
+    /// No progress bar (a log line per validation instead).
+    #[arg(long)]
+    quiet: bool,
+}
+
+#[derive(Args)]
+struct EvalArgs {
+    /// A step folder, or a run (name or folder: its best checkpoint, else its latest).
+    #[arg(long)]
+    checkpoint: String,
+    #[arg(long, default_value_t = 600)]
+    episodes: usize,
+    /// Test-time inner steps (default: the run's eval.inner_steps).
+    #[arg(long)]
+    inner_steps: Option<usize>,
+    #[arg(long, default_value = "test")]
+    split: String,
+    /// Seed of the evaluation episodes.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Dataset root, when it is elsewhere than where the run was trained.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Where to write the result as JSON (default: <checkpoint>/eval-<split>.json).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    #[arg(long, default_value = "checkpoints")]
+    checkpoint_dir: PathBuf,
+    #[command(flatten)]
+    backend: BackendArgs,
+}
+
+/// Where a dataset is and which of its variants to use.
+#[derive(Args, Clone)]
+struct DatasetArgs {
+    /// Dataset root. Default: $METAGRAD_DATA/<dataset> when METAGRAD_DATA is set, else datasets/<dataset>.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Omniglot split: vinyals (1100/100/423 characters, seeded) or lake (background/evaluation alphabets).
+    #[arg(long, default_value = "vinyals")]
+    split_scheme: String,
+    /// Omniglot: do not add the 90/180/270-degree rotations as extra classes.
+    #[arg(long)]
+    no_rotations: bool,
+    /// Seed of the Vinyals character shuffle and of the synthetic dataset.
+    #[arg(long, default_value_t = 0)]
+    split_seed: u64,
+}
+
+impl DatasetArgs {
+    fn spec(&self, kind: DatasetKind) -> DatasetSpec {
+        let mut spec = DatasetSpec::standard(kind, self.data_dir.as_deref());
+        spec.split_scheme = self.split_scheme.clone();
+        spec.rotations = !self.no_rotations;
+        spec.seed = self.split_seed;
+        spec
+    }
+}
+
+/// One episode of a dataset split.
+#[derive(Args, Clone)]
+struct EpisodeArgs {
+    /// synthetic, omniglot or mini-imagenet.
+    #[arg(long, default_value = "synthetic")]
+    dataset: DatasetKind,
+    #[command(flatten)]
+    location: DatasetArgs,
+    /// train, val or test.
+    #[arg(long, default_value = "test")]
+    split: String,
+    #[arg(long, default_value_t = 5)]
+    way: usize,
+    #[arg(long, default_value_t = 1)]
+    shot: usize,
+    /// Query images per class.
+    #[arg(long, default_value_t = 15)]
+    queries: usize,
+    /// Seed of the episode stream.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+impl EpisodeArgs {
+    /// The episode and the names of its classes, label by label.
+    fn sample(&self) -> Result<(Episode, Vec<String>)> {
+        let split = std::sync::Arc::new(self.location.spec(self.dataset).load_split(&self.split)?);
+        let mut sampler = EpisodeSampler::new(split.clone(), EpisodeShape { way: self.way, shot: self.shot, queries: self.queries }, self.seed)?;
+        let (episode, classes) = sampler.next_episode_with_classes();
+        Ok((episode, classes.iter().map(|&c| split.classes[c].name.clone()).collect()))
+    }
+}
+
+#[derive(Subcommand)]
+enum DataCommand {
+    /// Download a dataset (Omniglot), or explain how to obtain it (Mini-ImageNet).
+    Fetch {
+        /// omniglot or mini-imagenet.
+        dataset: DatasetKind,
+        /// Folder to put the files in. Default: $METAGRAD_DATA/<dataset> or datasets/<dataset>.
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// Base URL to download from instead of the official one (file names are appended).
+        #[arg(long)]
+        url: Option<String>,
+        /// Copy the files from this folder instead of downloading them.
+        #[arg(long)]
+        from: Option<PathBuf>,
+        /// sha256sum-style file with the digests to expect instead of the official ones.
+        #[arg(long)]
+        checksums: Option<PathBuf>,
+    },
+    /// Classes and images per split.
+    Info {
+        dataset: DatasetKind,
+        #[command(flatten)]
+        location: DatasetArgs,
+    },
+    /// Draw one episode as a PNG grid: support row(s), then query rows, labelled.
+    Preview {
+        /// synthetic, omniglot or mini-imagenet.
+        dataset: DatasetKind,
+        #[command(flatten)]
+        location: DatasetArgs,
+        #[arg(long, default_value = "train")]
+        split: String,
+        #[arg(long, default_value_t = 5)]
+        way: usize,
+        #[arg(long, default_value_t = 1)]
+        shot: usize,
+        #[arg(long, default_value_t = 3)]
+        queries: usize,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        #[arg(long, default_value = "episode.png")]
+        out: PathBuf,
+    },
+}
+
 #[derive(Subcommand)]
 enum BenchCommand {
+    /// Meta-iterations per second of training, for each mode (random images of each workload's shape).
+    Train {
+        #[command(flatten)]
+        backend: BackendArgs,
+        /// Meta-iterations to time per case (after one warm-up iteration).
+        #[arg(long, default_value_t = 3)]
+        steps: usize,
+        /// Modes to measure, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "maml,fomaml,ufo,implicit")]
+        modes: Vec<String>,
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
+    /// Episodes per second drawn from the cached datasets, on one core.
+    Data {
+        #[command(flatten)]
+        location: DatasetArgs,
+        /// Seconds to sample each workload.
+        #[arg(long, default_value_t = 2.0)]
+        seconds: f64,
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
     /// Gradient, Hessian-vector product and one exact MAML step of Conv-4.
     Autodiff {
         #[command(flatten)]
@@ -277,6 +462,228 @@ fn report(table: &str, rows: &impl serde::Serialize, json: Option<PathBuf>) -> R
     Ok(())
 }
 
+fn data(which: DataCommand) -> Result<()> {
+    match which {
+        DataCommand::Fetch { dataset, data_dir, url, from, checksums } => {
+            let dir = resolve_data_dir(dataset, data_dir.as_deref());
+            let source = Source {
+                url: url.unwrap_or_else(|| fetch::OMNIGLOT_URL.to_string()),
+                from,
+                checksums: checksums.as_deref().map(fetch::read_checksums).transpose()?.unwrap_or_default(),
+                progress: true,
+            };
+            match dataset {
+                DatasetKind::Omniglot => {
+                    let manual = format!(
+                        "To install Omniglot by hand, download {0}images_background.zip and {0}images_evaluation.zip and put them in {{dir}} (or run again with --from DIR, DIR holding the two archives)",
+                        fetch::OMNIGLOT_URL
+                    );
+                    for line in fetch::fetch_all(&dir, &fetch::OMNIGLOT_FILES, &source, &manual)? {
+                        println!("{line}");
+                    }
+                    println!("Omniglot is ready: `metagrad data info omniglot --data-dir {}`", dir.display());
+                    Ok(())
+                }
+                DatasetKind::MiniImagenet => {
+                    if source.from.is_some() {
+                        for line in fetch::fetch_all(&dir, &fetch::MINI_IMAGENET_FILES, &source, "")? {
+                            println!("{line}");
+                        }
+                    }
+                    println!("{}", mini_imagenet::INSTRUCTIONS.replace("<data-dir>", &dir.display().to_string()));
+                    let missing = mini_imagenet::missing_files(&dir);
+                    if missing.is_empty() {
+                        println!("\n{} is complete.", dir.display());
+                        Ok(())
+                    } else {
+                        bail!("Mini-ImageNet in {} is not complete yet: {}", dir.display(), missing)
+                    }
+                }
+                DatasetKind::Synthetic => {
+                    println!("the synthetic dataset is built into metagrad; there is nothing to fetch");
+                    Ok(())
+                }
+            }
+        }
+        DataCommand::Info { dataset, location } => {
+            print!("{}", location.spec(dataset).info()?);
+            Ok(())
+        }
+        DataCommand::Preview { dataset, location, split, way, shot, queries, seed, out } => {
+            let args = EpisodeArgs { dataset, location, split, way, shot, queries, seed };
+            let (episode, names) = args.sample()?;
+            metagrad::plot::episode_grid(&episode, &names, &out)?;
+            println!("wrote {} ({} {way}-way {shot}-shot, {queries} queries per class)", out.display(), dataset.name());
+            Ok(())
+        }
+    }
+}
+
+const DEFAULT_CONFIG: &str = "configs/omniglot-5way-1shot.toml";
+
+fn backend_of(config: &Config) -> Result<Selection> {
+    let kind = match config.run.backend.as_str() {
+        "auto" => None,
+        other => Some(other.parse::<BackendKind>().map_err(anyhow::Error::msg)?),
+    };
+    BackendArgs { backend: kind, precision: Some(config.run.precision.parse().map_err(anyhow::Error::msg)?) }.select()
+}
+
+fn train(args: TrainArgs) -> Result<()> {
+    let fresh = args.config.as_deref().map(|p| Config::load(p, &args.set)).transpose()?;
+    let (config, resume) = match &args.resume {
+        None => {
+            let config = match fresh {
+                Some(c) => c,
+                None => Config::load(std::path::Path::new(DEFAULT_CONFIG), &args.set)?,
+            };
+            if checkpoint::pointer(&config.run_dir(), "latest").is_some() {
+                bail!(
+                    "run '{}' already has checkpoints in {}; continue it with --resume, or start another with --set run.name=<new name>",
+                    config.run.name,
+                    config.run_dir().display()
+                );
+            }
+            (config, None)
+        }
+        Some(arg) => {
+            let reference = match &fresh {
+                Some(c) => c.clone(),
+                None => Config::load(std::path::Path::new(DEFAULT_CONFIG), &[]).unwrap_or_default(),
+            };
+            let root = PathBuf::from(&reference.checkpoint.dir);
+            let dir = checkpoint::resolve((!arg.is_empty()).then_some(arg.as_str()), &root, &reference.run_dir())?;
+            let saved = Checkpoint::read(&dir)?;
+            let config = match fresh {
+                Some(c) => c,
+                None => Config::parse(&saved.config.to_toml(), &args.set, &format!("{}/config.toml", dir.display()))?,
+            };
+            if config.architecture() != saved.config.architecture() {
+                bail!(
+                    "checkpoint {} is a {} {}-way Conv-4 (model.channels = {}), but the config is for {} {}-way (model.channels = {}); resume with the run's own config (leave out --config)",
+                    dir.display(),
+                    saved.config.data.dataset.name(),
+                    saved.config.data.way,
+                    saved.config.model.channels,
+                    config.data.dataset.name(),
+                    config.data.way,
+                    config.model.channels
+                );
+            }
+            eprintln!("resuming {} from step {}", dir.display(), saved.state.step);
+            (config, Some(saved))
+        }
+    };
+    let selection = backend_of(&config)?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    ctrlc::set_handler(move || {
+        if flag.swap(true, Ordering::SeqCst) {
+            eprintln!("\nstopping now, without a checkpoint of this step");
+            std::process::exit(130);
+        }
+        eprintln!("\nfinishing this meta-iteration and writing a checkpoint (Ctrl-C again to stop at once)");
+    })
+    .context("cannot install the Ctrl-C handler")?;
+    eprintln!(
+        "training {} ({} {}-way {}-shot, {} mode, {} meta-iterations of {} tasks) on {}",
+        config.run.name,
+        config.data.dataset.name(),
+        config.data.way,
+        config.data.shot,
+        config.mode.name,
+        config.train.meta_steps,
+        config.train.meta_batch,
+        selection.describe()
+    );
+    let job = TrainJob { config: config.clone(), resume, progress: !args.quiet, stop, splits: None };
+    let outcome = backend::dispatch(selection, job)?;
+    let best = outcome.best.map_or(String::new(), |(s, a)| format!(", best validation accuracy {:.2}% at step {s}", 100.0 * a));
+    println!("{} after step {}{best}", if outcome.interrupted { "stopped" } else { "finished" }, outcome.step);
+    if let Some(latest) = &outcome.latest {
+        println!("checkpoint: {}", latest.display());
+    }
+    println!("metrics:    {}", outcome.run_dir.join("metrics.jsonl").display());
+    if outcome.interrupted {
+        println!("continue with: metagrad train --resume {}", outcome.run_dir.display());
+    } else {
+        println!("evaluate with: metagrad eval --checkpoint {}", outcome.run_dir.display());
+    }
+    Ok(())
+}
+
+fn eval(args: EvalArgs) -> Result<()> {
+    let given = PathBuf::from(&args.checkpoint);
+    let run = if given.is_dir() { given.clone() } else { args.checkpoint_dir.join(&args.checkpoint) };
+    let dir = if run.join("state.json").is_file() {
+        run
+    } else if let Some(best) = checkpoint::pointer(&run, "best") {
+        best
+    } else {
+        checkpoint::resolve(Some(&args.checkpoint), &args.checkpoint_dir, &run)?
+    };
+    let mut saved = Checkpoint::read(&dir)?;
+    if let Some(data_dir) = &args.data_dir {
+        saved.config.data.data_dir = data_dir.display().to_string();
+    }
+    if args.episodes == 0 {
+        bail!("--episodes 0: evaluate at least 1 episode");
+    }
+    let config = saved.config.clone();
+    let selection = args.backend.select()?;
+    let inner_steps = args.inner_steps.unwrap_or(config.eval.inner_steps);
+    eprintln!("evaluating {} (step {}) on {} {} episodes, {inner_steps} inner steps, {}", dir.display(), saved.state.step, args.episodes, args.split, selection.describe());
+    let job = EvalJob { checkpoint: saved, split: args.split.clone(), episodes: args.episodes, inner_steps: args.inner_steps, seed: args.seed, progress: true };
+    let summary = backend::dispatch(selection, job)?;
+    println!(
+        "{} accuracy {:.2}% ± {:.2}% (95% CI over {} episodes; {} {}-way {}-shot, {inner_steps} inner steps), query loss {:.4}",
+        args.split,
+        100.0 * summary.accuracy,
+        100.0 * summary.ci95,
+        summary.episodes,
+        config.data.dataset.name(),
+        config.data.way,
+        config.data.shot,
+        summary.loss
+    );
+    let out = args.out.unwrap_or_else(|| dir.join(format!("eval-{}.json", args.split)));
+    let record = serde_json::json!({
+        "checkpoint": dir.display().to_string(),
+        "step": Checkpoint::read(&dir).map(|c| c.state.step).unwrap_or_default(),
+        "dataset": config.data.dataset.name(),
+        "split": args.split,
+        "way": config.data.way,
+        "shot": config.data.shot,
+        "queries": config.data.queries,
+        "mode": config.mode.name,
+        "inner_steps": inner_steps,
+        "inner_lr": config.train.inner_lr,
+        "seed": args.seed,
+        "episodes": summary.episodes,
+        "accuracy": summary.accuracy,
+        "ci95": summary.ci95,
+        "loss": summary.loss,
+    });
+    metagrad::store::write_atomic(&out, (serde_json::to_string_pretty(&record)? + "\n").as_bytes())?;
+    println!("wrote {}", out.display());
+    Ok(())
+}
+
+fn plot(run: &str, out: &std::path::Path, checkpoint_dir: &std::path::Path) -> Result<()> {
+    let given = PathBuf::from(run);
+    let path = if given.is_file() {
+        given
+    } else if given.is_dir() {
+        given.join("metrics.jsonl")
+    } else {
+        checkpoint_dir.join(run).join("metrics.jsonl")
+    };
+    let metrics = metagrad::train::read_metrics(&path)?;
+    metagrad::plot::training_curves(&metrics, &format!("{run}"), out)?;
+    println!("wrote {} ({} records from {})", out.display(), metrics.len(), path.display());
+    Ok(())
+}
+
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Devices => {
@@ -300,15 +707,33 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Hypergrad(args) => hypergrad(args),
-        Command::ExportEpisode { dataset, split, way, shot, queries, seed, out } => {
-            if dataset != "synthetic" {
-                bail!("unknown dataset '{dataset}' for export-episode: this version exports from the embedded 'synthetic' dataset");
-            }
-            let split = std::sync::Arc::new(metagrad::synthetic::split(&split, seed)?);
-            let mut sampler = EpisodeSampler::new(split, EpisodeShape { way, shot, queries }, seed)?;
-            sampler.next_episode().write(&out)?;
-            println!("wrote {} ({way}-way {shot}-shot, {queries} queries per class)", out.display());
+        Command::ExportEpisode { episode, out } => {
+            let (e, _) = episode.sample()?;
+            e.write(&out)?;
+            println!(
+                "wrote {} ({} {}-way {}-shot, {} queries per class, {} split)",
+                out.display(),
+                episode.dataset.name(),
+                episode.way,
+                episode.shot,
+                episode.queries,
+                episode.split
+            );
             Ok(())
+        }
+        Command::Data { which } => data(which),
+        Command::Train(args) => train(args),
+        Command::Eval(args) => eval(args),
+        Command::Plot { run, out, checkpoint_dir } => plot(&run, &out, &checkpoint_dir),
+        Command::Bench { which: BenchCommand::Train { backend: args, steps, modes, json } } => {
+            let selection = args.select()?;
+            eprintln!("benchmarking training on {}", selection.describe());
+            let rows = metagrad::bench::train_bench(selection, steps.max(1), &modes)?;
+            report(&metagrad::bench::format_train_table(&rows), &rows, json)
+        }
+        Command::Bench { which: BenchCommand::Data { location, seconds, json } } => {
+            let rows = metagrad::bench::data_bench(&location.spec(DatasetKind::Omniglot), &location.spec(DatasetKind::MiniImagenet), seconds)?;
+            report(&metagrad::bench::format_data_table(&rows), &rows, json)
         }
         Command::Bench { which: BenchCommand::Hypergrad { backend: args, steps, iters, warmup, ufo_q, unrolled_max_steps, json } } => {
             if steps.contains(&0) {

@@ -19,11 +19,10 @@ use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
 
+use crate::cache::{self, CachedClass, file_identity, fingerprint};
 use crate::data::{Class, Split};
-use crate::store::write_atomic;
 
 pub const ARCHIVES: [&str; 2] = ["images_background", "images_evaluation"];
-const CACHE_MAGIC: &[u8; 8] = b"MGOMNI01";
 const FILTER: FilterType = FilterType::Triangle;
 
 /// One character with its images (u8, `image_size`², strokes high).
@@ -47,20 +46,14 @@ fn source_of(data_dir: &Path, archive: &str) -> Result<(PathBuf, String)> {
         folder
     } else {
         bail!(
-            "Omniglot is missing: neither {} nor {} exists. Put the official images_background.zip and images_evaluation.zip (from https://github.com/brendenlake/omniglot, python/ folder) in {}, or point --data-dir at the folder that holds them",
+            "Omniglot is missing: neither {} nor {} exists. Run `metagrad data fetch omniglot --data-dir {}` to download the official archives, or put images_background.zip and images_evaluation.zip (https://github.com/brendenlake/omniglot, python/ folder) there by hand",
             zip.display(),
             folder.display(),
             data_dir.display()
         );
     };
-    let meta = fs::metadata(&path).with_context(|| format!("cannot read {}", path.display()))?;
-    let modified = meta.modified().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).map_or(0, |d| d.as_nanos());
-    Ok((path.clone(), format!("{}:{}:{}", path.display(), meta.len(), modified)))
-}
-
-/// FNV-1a: a stable fingerprint of the sources and settings a cache was made from.
-fn fingerprint(parts: &[String]) -> u64 {
-    parts.iter().flat_map(|p| p.bytes().chain([0u8])).fold(0xcbf29ce484222325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100000001b3))
+    let id = file_identity(&path)?;
+    Ok((path, id))
 }
 
 /// Every PNG of one archive or folder as (alphabet/character, file name, bytes).
@@ -134,50 +127,6 @@ fn build(sources: &[(PathBuf, String)], image_size: usize) -> Result<Vec<Charact
     Ok(characters)
 }
 
-fn encode_cache(key: u64, image_size: usize, characters: &[Character]) -> Vec<u8> {
-    let mut out = Vec::new();
-    out.extend_from_slice(CACHE_MAGIC);
-    out.extend_from_slice(&key.to_le_bytes());
-    out.extend_from_slice(&(image_size as u32).to_le_bytes());
-    out.extend_from_slice(&(characters.len() as u32).to_le_bytes());
-    for c in characters {
-        out.extend_from_slice(&(c.name.len() as u16).to_le_bytes());
-        out.extend_from_slice(c.name.as_bytes());
-        out.push(u8::from(c.background));
-        out.extend_from_slice(&(c.count as u32).to_le_bytes());
-        out.extend_from_slice(&c.pixels);
-    }
-    out
-}
-
-/// Parse a cache; `None` when it was made from other sources or settings, or
-/// is truncated or malformed in any way.
-fn decode_cache(bytes: &[u8], key: u64, image_size: usize) -> Option<Vec<Character>> {
-    let mut at = 0usize;
-    let mut take = |n: usize| -> Option<&[u8]> {
-        let s = bytes.get(at..at + n)?;
-        at += n;
-        Some(s)
-    };
-    if take(8)? != CACHE_MAGIC || u64::from_le_bytes(take(8)?.try_into().ok()?) != key {
-        return None;
-    }
-    if u32::from_le_bytes(take(4)?.try_into().ok()?) as usize != image_size {
-        return None;
-    }
-    let n = u32::from_le_bytes(take(4)?.try_into().ok()?) as usize;
-    let mut characters = Vec::with_capacity(n);
-    for _ in 0..n {
-        let len = u16::from_le_bytes(take(2)?.try_into().ok()?) as usize;
-        let name = String::from_utf8(take(len)?.to_vec()).ok()?;
-        let background = take(1)?[0] == 1;
-        let count = u32::from_le_bytes(take(4)?.try_into().ok()?) as usize;
-        let pixels = take(count * image_size * image_size)?.to_vec();
-        characters.push(Character { name, background, pixels, count });
-    }
-    (at == bytes.len()).then_some(characters)
-}
-
 /// Every Omniglot character, from the cache in `cache_dir` when it matches
 /// the sources in `data_dir` and the image size, else decoded from the
 /// sources and cached (atomically) for next time.
@@ -187,15 +136,13 @@ pub fn load_characters(data_dir: &Path, cache_dir: &Path, image_size: usize) -> 
     parts.push(format!("size={image_size} filter={FILTER:?} invert=1"));
     let key = fingerprint(&parts);
     let cache = cache_dir.join(format!("omniglot-{image_size}.bin"));
-    if let Ok(bytes) = fs::read(&cache)
-        && let Some(characters) = decode_cache(&bytes, key, image_size)
-    {
-        return Ok(characters);
-    }
-    let characters = build(&sources, image_size)?;
-    write_atomic(&cache, &encode_cache(key, image_size, &characters))
-        .with_context(|| format!("cannot write the Omniglot cache {}", cache.display()))?;
-    Ok(characters)
+    let classes = cache::load_or_build(&cache, key, image_size * image_size, || {
+        Ok(build(&sources, image_size)?
+            .into_iter()
+            .map(|c| CachedClass { name: c.name, tag: u8::from(c.background), count: c.count, pixels: c.pixels })
+            .collect())
+    })?;
+    Ok(classes.into_iter().map(|c| Character { name: c.name, background: c.tag == 1, pixels: c.pixels, count: c.count }).collect())
 }
 
 /// Rotate a square u8 image by 90° counter-clockwise `quarter_turns` times.
@@ -221,7 +168,7 @@ fn to_split(name: &str, characters: &[&Character], image_size: usize, rotations:
         .flat_map(|c| {
             turns.iter().map(move |&t| Class {
                 name: if t == 0 { c.name.clone() } else { format!("{}/rot{}", c.name, 90 * t) },
-                images: c.pixels.chunks(n).flat_map(|img| rotate(img, image_size, t)).map(|v| v as f32 / 255.0).collect(),
+                pixels: c.pixels.chunks(n).flat_map(|img| rotate(img, image_size, t)).collect(),
                 count: c.count,
             })
         })

@@ -40,6 +40,19 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     result
 }
 
+/// Move a fully written temporary file to its final name: fsync it, rename,
+/// fsync the directory, so the final name never holds a partial file.
+pub fn commit_file(tmp: &Path, path: &Path) -> Result<()> {
+    File::open(tmp).and_then(|f| f.sync_all()).with_context(|| format!("cannot sync {}", tmp.display()))?;
+    fs::rename(tmp, path).with_context(|| format!("cannot rename {} to {}", tmp.display(), path.display()))?;
+    if let Some(dir) = path.parent()
+        && let Ok(d) = File::open(if dir.as_os_str().is_empty() { Path::new(".") } else { dir })
+    {
+        let _ = d.sync_all();
+    }
+    Ok(())
+}
+
 /// Host-side tensor values in one of the dtypes metagrad writes.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Values {

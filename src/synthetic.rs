@@ -34,8 +34,8 @@ fn glyph(rng: &mut ChaCha8Rng) -> Vec<Stroke> {
         .collect()
 }
 
-/// One distorted rendering of a glyph, values in [0, 1].
-fn render(strokes: &[Stroke], rng: &mut ChaCha8Rng) -> Vec<f32> {
+/// One distorted rendering of a glyph, 0 (background) to 255 (ink).
+fn render(strokes: &[Stroke], rng: &mut ChaCha8Rng) -> Vec<u8> {
     let angle = uniform(rng, -0.18, 0.18);
     let scale = uniform(rng, 0.9, 1.1);
     let shift = (uniform(rng, -0.06, 0.06), uniform(rng, -0.06, 0.06));
@@ -63,7 +63,7 @@ fn render(strokes: &[Stroke], rng: &mut ChaCha8Rng) -> Vec<f32> {
             let p = (((i % IMAGE_SIZE) as f64 + 0.5) * pixel, ((i / IMAGE_SIZE) as f64 + 0.5) * pixel);
             let d = segments.iter().map(|&(a, b)| distance_to_segment(p, a, b)).fold(f64::INFINITY, f64::min);
             // Anti-aliased edge half a pixel wide.
-            (1.0 - (d - width) / (0.5 * pixel)).clamp(0.0, 1.0) as f32
+            ((1.0 - (d - width) / (0.5 * pixel)).clamp(0.0, 1.0) * 255.0).round() as u8
         })
         .collect()
 }
@@ -89,8 +89,8 @@ pub fn split(name: &str, seed: u64) -> anyhow::Result<Split> {
             let mut rng = ChaCha8Rng::seed_from_u64(seed);
             rng.set_stream(((index as u64) << 32) | c as u64);
             let strokes = glyph(&mut rng);
-            let images = (0..IMAGES_PER_CLASS).flat_map(|_| render(&strokes, &mut rng)).collect();
-            Class { name: format!("synthetic/{name}/glyph{c:03}"), images, count: IMAGES_PER_CLASS }
+            let pixels = (0..IMAGES_PER_CLASS).flat_map(|_| render(&strokes, &mut rng)).collect();
+            Class { name: format!("synthetic/{name}/glyph{c:03}"), pixels, count: IMAGES_PER_CLASS }
         })
         .collect();
     Ok(Split { name: name.to_string(), image_shape: [1, IMAGE_SIZE, IMAGE_SIZE], classes })

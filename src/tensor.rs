@@ -65,6 +65,9 @@ pub trait Level: Backend {
     fn from_base(t: FloatTensor<Self::Base>) -> FloatTensor<Self>;
     fn to_base(t: FloatTensor<Self>) -> FloatTensor<Self::Base>;
     fn int_from_base(t: IntTensor<Self::Base>) -> IntTensor<Self>;
+    /// A base tensor as Burn's high-level tensor, for Burn's optimizers.
+    fn base_to_burn(t: FloatTensor<Self::Base>) -> burn::tensor::Tensor<1>;
+    fn base_from_burn(t: burn::tensor::Tensor<1>) -> FloatTensor<Self::Base>;
 }
 
 macro_rules! base_level {
@@ -79,6 +82,12 @@ macro_rules! base_level {
             }
             fn int_from_base(t: IntTensor<Self>) -> IntTensor<Self> {
                 t
+            }
+            fn base_to_burn(t: FloatTensor<Self>) -> burn::tensor::Tensor<1> {
+                burn::tensor::Tensor::<1>::from_primitive::<$backend>(t)
+            }
+            fn base_from_burn(t: burn::tensor::Tensor<1>) -> FloatTensor<Self> {
+                t.try_into_primitive::<$backend>().expect("Burn's optimizer returns tensors of the backend it was given")
             }
         }
     };
@@ -97,6 +106,12 @@ impl<B: Level> Level for Autodiff<B> {
     }
     fn int_from_base(t: IntTensor<Self::Base>) -> IntTensor<Self> {
         <Autodiff<B> as AutodiffBackend>::int_from_inner(B::int_from_base(t))
+    }
+    fn base_to_burn(t: FloatTensor<Self::Base>) -> burn::tensor::Tensor<1> {
+        B::base_to_burn(t)
+    }
+    fn base_from_burn(t: burn::tensor::Tensor<1>) -> FloatTensor<Self::Base> {
+        B::base_from_burn(t)
     }
 }
 

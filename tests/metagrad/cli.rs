@@ -2,8 +2,80 @@
 
 use std::process::Command;
 
+/// Run metagrad with its dataset cache in a shared temporary folder (kept
+/// between runs: entries are keyed by their sources, so reuse is safe).
 fn metagrad(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_metagrad")).args(args).output().expect("metagrad runs")
+    Command::new(env!("CARGO_BIN_EXE_metagrad"))
+        .args(args)
+        .env("METAGRAD_CACHE", std::env::temp_dir().join("metagrad-test-cache"))
+        .env_remove("METAGRAD_DATA")
+        .output()
+        .expect("metagrad runs")
+}
+
+fn shared_omniglot() -> Option<String> {
+    let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/data/omniglot");
+    if dir.join("images_background.zip").is_file() {
+        Some(dir.to_string_lossy().into_owned())
+    } else {
+        eprintln!("skipping the Omniglot part: {} does not hold the archives", dir.display());
+        None
+    }
+}
+
+#[test]
+fn data_info_preview_and_export_from_each_dataset() {
+    let dir = std::env::temp_dir().join(format!("metagrad-cli-data-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let out = metagrad(&["data", "info", "synthetic"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("train: 300 classes, 6000 images") && text.contains("test : 100 classes"), "{text}");
+
+    let png = dir.join("episode.png");
+    let out = metagrad(&["data", "preview", "synthetic", "--way", "4", "--shot", "2", "--queries", "3", "--out", png.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let image = image::open(&png).unwrap().to_rgb8();
+    // Four columns of 62-pixel cells (at least 90 wide) after an 80-pixel margin; 2 + 3 rows of 62 pixels plus a gap.
+    assert_eq!((image.width(), image.height()), (80 + 4 * 90 + 8, 44 + 5 * 62 + 18 + 8));
+    let dark = image.pixels().filter(|p| p.0[0] < 100).count();
+    assert!(dark > 500, "the glyphs and labels are drawn ({dark} dark pixels)");
+
+    if let Some(omniglot) = shared_omniglot() {
+        let out = metagrad(&["data", "info", "omniglot", "--data-dir", &omniglot]);
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(text.contains("1623 characters, 32460 images") && text.contains("30 alphabets, 964 characters") && text.contains("20 alphabets, 659 characters"), "{text}");
+        assert!(text.contains("train: 4400 classes") && text.contains("test : 1692 classes"), "{text}");
+        let episode = dir.join("omniglot.safetensors");
+        let out = metagrad(&["export-episode", "--dataset", "omniglot", "--data-dir", &omniglot, "--way", "20", "--shot", "5", "--queries", "5", "--out", episode.to_str().unwrap()]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let e = metagrad::episode::Episode::read(&episode).unwrap();
+        assert_eq!((e.support.shape, e.query.shape), ([100, 1, 28, 28], [100, 1, 28, 28]));
+        let out = metagrad(&["data", "preview", "omniglot", "--data-dir", &omniglot, "--split-scheme", "lake", "--split", "test", "--out", png.to_str().unwrap()]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+}
+
+#[test]
+fn data_commands_explain_missing_data() {
+    let dir = std::env::temp_dir().join(format!("metagrad-cli-nodata-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let missing = dir.join("nowhere");
+    let out = metagrad(&["data", "info", "omniglot", "--data-dir", missing.to_str().unwrap()]);
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && e.contains("does not exist") && e.contains("metagrad data fetch omniglot"), "{e}");
+    let empty = dir.join("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    let out = metagrad(&["export-episode", "--dataset", "mini-imagenet", "--data-dir", empty.to_str().unwrap(), "--out", "x.safetensors"]);
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(e.contains("is empty") && e.contains("metagrad data fetch mini-imagenet"), "{e}");
+    let out = metagrad(&["data", "fetch", "mini-imagenet", "--data-dir", empty.to_str().unwrap()]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success() && text.contains("ImageNet") && text.contains(&format!("{}/images/", empty.display())), "{text}");
+    let out = metagrad(&["data", "info", "imagenet"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("expected one of synthetic, omniglot, mini-imagenet"));
+    let out = metagrad(&["data", "preview", "synthetic", "--way", "301"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("301-way episodes need 301 classes"));
 }
 
 #[test]

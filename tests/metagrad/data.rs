@@ -16,11 +16,10 @@ fn synthetic_dataset_is_seeded_and_looks_like_glyphs() {
     let c = synthetic::split("val", 2).unwrap();
     assert_eq!(a.classes.len(), 50);
     assert_eq!(a.image_shape, [1, 28, 28]);
-    assert_eq!(a.classes[7].images, b.classes[7].images, "same seed, same images");
-    assert_ne!(a.classes[7].images, c.classes[7].images, "another seed, other images");
+    assert_eq!(a.classes[7].pixels, b.classes[7].pixels, "same seed, same images");
+    assert_ne!(a.classes[7].pixels, c.classes[7].pixels, "another seed, other images");
     for class in &a.classes {
-        assert!(class.images.iter().all(|v| (0.0..=1.0).contains(v)));
-        let ink = class.images.iter().sum::<f32>() / class.images.len() as f32;
+        let ink = class.pixels.iter().map(|&v| f32::from(v) / 255.0).sum::<f32>() / class.pixels.len() as f32;
         assert!((0.03..0.6).contains(&ink), "{}: ink fraction {ink}", class.name);
     }
     assert!(synthetic::split("holdout", 0).unwrap_err().to_string().contains("expected train, val or test"));
@@ -34,13 +33,13 @@ fn synthetic_classes_are_learnable() {
     let n = split.image_len();
     let classes = 10;
     let means: Vec<Vec<f32>> = (0..classes)
-        .map(|c| (0..n).map(|p| (0..10).map(|i| split.image(c, i)[p]).sum::<f32>() / 10.0).collect())
+        .map(|c| (0..n).map(|p| (0..10).map(|i| f32::from(split.image(c, i)[p])).sum::<f32>() / 10.0).collect())
         .collect();
     let mut correct = 0;
     for c in 0..classes {
         for i in 10..20 {
             let x = split.image(c, i);
-            let dist = |m: &Vec<f32>| x.iter().zip(m).map(|(a, b)| (a - b).powi(2)).sum::<f32>();
+            let dist = |m: &Vec<f32>| x.iter().zip(m).map(|(a, b)| (f32::from(*a) - b).powi(2)).sum::<f32>();
             let best = (0..classes).min_by(|&a, &b| dist(&means[a]).total_cmp(&dist(&means[b]))).unwrap();
             correct += usize::from(best == c);
         }

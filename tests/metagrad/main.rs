@@ -3,9 +3,12 @@
 mod common;
 mod cli;
 mod data;
+mod fetch;
 mod hypergrad;
+mod mini_imagenet;
 mod model;
 mod omniglot;
 mod ops;
 mod store;
+mod train;
 mod wgpu;

@@ -58,16 +58,48 @@ fn omniglot_loads_from_the_archives_caches_and_splits() {
     assert!(test.classes.iter().all(|c| !train_names.contains(c.name.split("/rot").next().unwrap())));
     assert_eq!(split(&characters, "vinyals", "test", 0, false).unwrap().classes[0].name, split(&characters, "vinyals", "test", 0, false).unwrap().classes[0].name);
     assert_ne!(split(&characters, "vinyals", "test", 1, false).unwrap().classes[0].name, test.classes[0].name);
-    // A rotation by 90° four times is the identity; one rotation is not.
+    // Rotations: class k+1 is class k turned 90° counter-clockwise, pixel for pixel.
     let base = &train.classes[0];
-    let rot90 = &train.classes[1];
-    assert!(rot90.name.ends_with("/rot90"));
-    assert_ne!(base.images, rot90.images);
+    for (turn, rotated) in train.classes[1..4].iter().enumerate() {
+        assert!(rotated.name.ends_with(&format!("/rot{}", 90 * (turn + 1))));
+        let previous = &train.classes[turn];
+        for y in 0..28 {
+            for x in 0..28 {
+                // (x, y) of the previous image lands at (y, 27 − x).
+                assert_eq!(rotated.pixels[(27 - x) * 28 + y], previous.pixels[y * 28 + x]);
+            }
+        }
+    }
+    assert_ne!(base.pixels, train.classes[1].pixels);
 
     // Lake split: background alphabets train, evaluation alphabets test, no validation.
     assert_eq!(split(&characters, "lake", "train", 0, false).unwrap().classes.len(), 964);
     assert_eq!(split(&characters, "lake", "test", 0, false).unwrap().classes.len(), 659);
     assert!(split(&characters, "lake", "val", 0, false).unwrap_err().to_string().contains("no validation"));
+}
+
+/// Three known images against an independent resize (Pillow's antialiased
+/// bilinear, which is the same triangle filter): total ink and the ink's
+/// centre of mass agree.
+#[test]
+fn known_images_match_an_independent_resize() {
+    let Some(data) = archives() else { return };
+    let characters = load_characters(&data, &temp("known"), 28).unwrap();
+    // (character, image index, Pillow's ink sum in units of full pixels, centroid row, centroid column)
+    let known = [
+        ("Alphabet_of_the_Magi/character01", 0, 64.33, 14.63, 12.56),
+        ("Arcadian/character02", 0, 41.9, 14.17, 13.15),
+        ("Tifinagh/character55", 19, 36.24, 12.8, 12.49),
+    ];
+    for (name, index, ink, row, col) in known {
+        let c = characters.iter().find(|c| c.name == name).unwrap();
+        let img: Vec<f64> = c.pixels[index * 784..(index + 1) * 784].iter().map(|&v| v as f64 / 255.0).collect();
+        let total: f64 = img.iter().sum();
+        let centroid = |f: fn(usize) -> usize| img.iter().enumerate().map(|(p, v)| v * f(p) as f64).sum::<f64>() / total;
+        let (r, k) = (centroid(|p| p / 28), centroid(|p| p % 28));
+        assert!((total - ink).abs() < 0.02 * ink, "{name}: ink {total} vs {ink}");
+        assert!((r - row).abs() < 0.1 && (k - col).abs() < 0.1, "{name}: centroid ({r}, {k}) vs ({row}, {col})");
+    }
 }
 
 #[test]

@@ -1,0 +1,195 @@
+//! Checkpoints: checkpoints/<run>/step-NNNNNNN/ holds everything a run needs
+//! to continue exactly: parameters (safetensors, PyTorch names), Adam's
+//! moments, the step, every RNG state, the mode's state (adaptive q), the
+//! resolved config and the metrics so far. A checkpoint is written into a
+//! temporary folder, each file fsynced, then renamed into place; the
+//! `latest` and `best` pointers are small files replaced the same way.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+use crate::config::Config;
+use crate::hypergrad::Mode;
+use crate::store::{HostTensor, read_safetensors, write_atomic, write_safetensors};
+
+pub const FORMAT: u32 = 1;
+const PARAMS: &str = "params.safetensors";
+const OPTIMIZER: &str = "optimizer.safetensors";
+const STATE: &str = "state.json";
+const CONFIG: &str = "config.toml";
+const METRICS: &str = "metrics.jsonl";
+
+/// A ChaCha8 stream position, exactly: seed, stream and word position.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RngState {
+    pub seed: String,
+    pub stream: u64,
+    /// u128, as a decimal string (JSON numbers stop at 2^53).
+    pub word_pos: String,
+}
+
+impl RngState {
+    pub fn of(rng: &ChaCha8Rng) -> Self {
+        RngState {
+            seed: rng.get_seed().iter().map(|b| format!("{b:02x}")).collect(),
+            stream: rng.get_stream(),
+            word_pos: rng.get_word_pos().to_string(),
+        }
+    }
+
+    pub fn restore(&self) -> Result<ChaCha8Rng> {
+        let bytes: Vec<u8> = (0..self.seed.len())
+            .step_by(2)
+            .map(|i| self.seed.get(i..i + 2).and_then(|h| u8::from_str_radix(h, 16).ok()))
+            .collect::<Option<_>>()
+            .filter(|b: &Vec<u8>| b.len() == 32)
+            .ok_or_else(|| anyhow::anyhow!("malformed RNG seed in the checkpoint"))?;
+        let mut rng = ChaCha8Rng::from_seed(bytes.try_into().expect("32 bytes"));
+        rng.set_stream(self.stream);
+        rng.set_word_pos(self.word_pos.parse().context("malformed RNG position in the checkpoint")?);
+        Ok(rng)
+    }
+}
+
+/// Everything of a run that is not a tensor.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TrainState {
+    pub format: u32,
+    /// Meta-iterations completed.
+    pub step: usize,
+    pub episode_rng: RngState,
+    pub ufo_rng: RngState,
+    /// The hypergradient mode with its state (adaptive q's moments).
+    pub mode: Mode,
+    /// Adam's step counter.
+    pub adam_time: usize,
+    pub best_step: Option<usize>,
+    pub best_val_accuracy: Option<f64>,
+    /// Training time so far, seconds.
+    pub elapsed_s: f64,
+}
+
+/// One checkpoint in memory.
+#[derive(Clone, Debug)]
+pub struct Checkpoint {
+    pub config: Config,
+    pub state: TrainState,
+    pub params: BTreeMap<String, HostTensor>,
+    pub optimizer: BTreeMap<String, HostTensor>,
+    /// The metrics log up to this step (JSON lines).
+    pub metrics: String,
+}
+
+pub fn step_name(step: usize) -> String {
+    format!("step-{step:07}")
+}
+
+impl Checkpoint {
+    /// Write as run_dir/step-NNNNNNN (atomically) and point `latest` at it.
+    pub fn write(&self, run_dir: &Path) -> Result<PathBuf> {
+        let name = step_name(self.state.step);
+        let dir = run_dir.join(&name);
+        let tmp = run_dir.join(format!(".{name}.tmp-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&tmp);
+        fs::create_dir_all(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+        let meta = BTreeMap::from([("format".to_string(), "pt".to_string())]);
+        let sorted = |m: &BTreeMap<String, HostTensor>| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect::<Vec<_>>();
+        write_safetensors(&tmp.join(PARAMS), &sorted(&self.params), &meta)?;
+        write_safetensors(&tmp.join(OPTIMIZER), &sorted(&self.optimizer), &meta)?;
+        write_atomic(&tmp.join(STATE), serde_json::to_string_pretty(&self.state)?.as_bytes())?;
+        write_atomic(&tmp.join(CONFIG), self.config.to_toml().as_bytes())?;
+        write_atomic(&tmp.join(METRICS), self.metrics.as_bytes())?;
+        if dir.exists() {
+            fs::remove_dir_all(&dir).with_context(|| format!("cannot replace {}", dir.display()))?;
+        }
+        fs::rename(&tmp, &dir).with_context(|| format!("cannot rename {} to {}", tmp.display(), dir.display()))?;
+        if let Ok(d) = fs::File::open(run_dir) {
+            let _ = d.sync_all();
+        }
+        set_pointer(run_dir, "latest", &name)?;
+        Ok(dir)
+    }
+
+    /// Read a checkpoint folder, naming the file that is missing or broken.
+    pub fn read(dir: &Path) -> Result<Checkpoint> {
+        let hint = "resume from an older step folder next to it instead (--resume <its path>)";
+        let file = |name: &str| {
+            let p = dir.join(name);
+            if p.is_file() { Ok(p) } else { bail!("checkpoint {} is incomplete: {name} is missing; {hint}", dir.display()) }
+        };
+        let state: TrainState = serde_json::from_slice(&fs::read(file(STATE)?)?)
+            .with_context(|| format!("checkpoint {}: {STATE} is corrupt or truncated; {hint}", dir.display()))?;
+        if state.format != FORMAT {
+            bail!("checkpoint {} has format {}, this metagrad reads format {FORMAT}", dir.display(), state.format);
+        }
+        let config = Config::load(&file(CONFIG)?, &[]).with_context(|| format!("checkpoint {}: {CONFIG} is unreadable; {hint}", dir.display()))?;
+        let params = read_safetensors(&file(PARAMS)?).with_context(|| format!("checkpoint {}: {hint}", dir.display()))?;
+        let optimizer = read_safetensors(&file(OPTIMIZER)?).with_context(|| format!("checkpoint {}: {hint}", dir.display()))?;
+        let metrics = fs::read_to_string(file(METRICS)?)?;
+        Ok(Checkpoint { config, state, params, optimizer, metrics })
+    }
+}
+
+/// Replace the pointer file `run_dir/<which>` (latest or best) atomically.
+pub fn set_pointer(run_dir: &Path, which: &str, name: &str) -> Result<()> {
+    write_atomic(&run_dir.join(which), format!("{name}\n").as_bytes())
+}
+
+/// The checkpoint folder a pointer names, if it exists.
+pub fn pointer(run_dir: &Path, which: &str) -> Option<PathBuf> {
+    let name = fs::read_to_string(run_dir.join(which)).ok()?;
+    let dir = run_dir.join(name.trim());
+    dir.is_dir().then_some(dir)
+}
+
+/// A checkpoint folder from what the user typed: a checkpoint folder, a run
+/// folder or a run name (their `latest`), or, with nothing, `default_run`'s latest.
+pub fn resolve(arg: Option<&str>, checkpoint_root: &Path, default_run: &Path) -> Result<PathBuf> {
+    let candidates: Vec<PathBuf> = match arg {
+        None => vec![default_run.to_path_buf()],
+        Some(a) => vec![PathBuf::from(a), checkpoint_root.join(a)],
+    };
+    for c in &candidates {
+        if c.join(STATE).is_file() {
+            return Ok(c.clone());
+        }
+        if c.join("latest").is_file() {
+            return pointer(c, "latest").ok_or_else(|| {
+                anyhow::anyhow!("{}/latest names a checkpoint folder that does not exist; pass a step folder with --resume", c.display())
+            });
+        }
+    }
+    bail!(
+        "no checkpoint to resume at {}: expected a step folder (with {STATE}) or a run folder with a `latest` pointer under {}",
+        candidates.iter().map(|c| c.display().to_string()).collect::<Vec<_>>().join(" or "),
+        checkpoint_root.display()
+    )
+}
+
+/// Delete all but the newest `keep` step folders, never the ones in `protect`;
+/// also clears temporary folders left by an interrupted write.
+pub fn prune(run_dir: &Path, keep: usize, protect: &[PathBuf]) -> Result<()> {
+    let mut steps = Vec::new();
+    for entry in fs::read_dir(run_dir)?.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with(".step-") && !name.ends_with(&format!("tmp-{}", std::process::id())) {
+            let _ = fs::remove_dir_all(entry.path());
+        } else if name.starts_with("step-") {
+            steps.push(entry.path());
+        }
+    }
+    steps.sort();
+    let excess = steps.len().saturating_sub(keep.max(1));
+    for dir in steps.into_iter().take(excess) {
+        if !protect.contains(&dir) {
+            fs::remove_dir_all(&dir).with_context(|| format!("cannot remove the old checkpoint {}", dir.display()))?;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,292 @@
+//! Training configuration: a TOML file of sections with defaults, any field
+//! overridable with `--set section.key=value`. Unknown keys and wrong types
+//! are errors that name the key.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use serde::{Deserialize, Serialize};
+
+use crate::data::EpisodeShape;
+use crate::dataset::{DatasetKind, DatasetSpec};
+use crate::hypergrad::{AdaptiveQ, InnerLoop, Mode, QRule};
+use crate::model::Conv4;
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RunConfig {
+    /// Checkpoints and logs go to <checkpoint.dir>/<name>.
+    pub name: String,
+    /// Seeds the initial parameters, the episode stream and UFO's draws.
+    pub seed: u64,
+    /// auto (wgpu when an adapter exists), cpu or wgpu.
+    pub backend: String,
+    /// f32, or f64 on the cpu backend.
+    pub precision: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DataConfig {
+    pub dataset: DatasetKind,
+    /// Empty: $METAGRAD_DATA/<dataset>, else datasets/<dataset>.
+    pub data_dir: String,
+    /// Omniglot: vinyals or lake.
+    pub split_scheme: String,
+    /// Omniglot: rotated characters as extra classes.
+    pub rotations: bool,
+    /// Seeds the Vinyals character shuffle and the synthetic dataset.
+    pub split_seed: u64,
+    pub way: usize,
+    pub shot: usize,
+    /// Query images per class.
+    pub queries: usize,
+    /// Episodes the background sampler keeps ready.
+    pub prefetch: usize,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelConfig {
+    /// Conv-4 width; 0 takes the dataset's standard (64 Omniglot, 32 Mini-ImageNet).
+    pub channels: usize,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainConfig {
+    /// Meta-iterations (outer Adam steps).
+    pub meta_steps: usize,
+    /// Tasks per meta-iteration.
+    pub meta_batch: usize,
+    /// Adam's step size on the initialisation.
+    pub meta_lr: f64,
+    pub inner_steps: usize,
+    pub inner_lr: f64,
+    /// Clip the meta-gradient's global norm to this value; 0 turns clipping off.
+    pub grad_clip: f64,
+    /// Meta-iterations of first-order (fomaml) updates before the selected mode takes over.
+    pub first_order_warmup: usize,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModeConfig {
+    /// maml, maml-unrolled, fomaml, ufo or implicit.
+    pub name: String,
+    /// ufo: fixed (probability q) or adaptive (q from running moments, at least q_min).
+    pub q_rule: String,
+    pub q: f64,
+    pub q_min: f64,
+    /// implicit: proximal regularisation strength.
+    pub lambda: f64,
+    /// implicit: conjugate-gradient steps.
+    pub cg_steps: usize,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EvalConfig {
+    /// Validate every this many meta-iterations; 0 turns validation off.
+    pub every: usize,
+    /// Validation episodes (the same ones each time).
+    pub episodes: usize,
+    /// Inner steps at validation and test time.
+    pub inner_steps: usize,
+    /// Split to validate on.
+    pub split: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CheckpointConfig {
+    pub dir: String,
+    /// Write a checkpoint every this many meta-iterations (and at the end, and on Ctrl-C).
+    pub every: usize,
+    /// Step checkpoints to keep besides the best.
+    pub keep_last: usize,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub run: RunConfig,
+    pub data: DataConfig,
+    pub model: ModelConfig,
+    pub train: TrainConfig,
+    pub mode: ModeConfig,
+    pub eval: EvalConfig,
+    pub checkpoint: CheckpointConfig,
+}
+
+impl Default for RunConfig {
+    fn default() -> Self {
+        RunConfig { name: "run".into(), seed: 0, backend: "auto".into(), precision: "f32".into() }
+    }
+}
+
+impl Default for DataConfig {
+    fn default() -> Self {
+        DataConfig {
+            dataset: DatasetKind::Omniglot,
+            data_dir: String::new(),
+            split_scheme: "vinyals".into(),
+            rotations: true,
+            split_seed: 0,
+            way: 5,
+            shot: 1,
+            queries: 15,
+            prefetch: 64,
+        }
+    }
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig { meta_steps: 60000, meta_batch: 32, meta_lr: 1e-3, inner_steps: 1, inner_lr: 0.4, grad_clip: 0.0, first_order_warmup: 0 }
+    }
+}
+
+impl Default for ModeConfig {
+    fn default() -> Self {
+        ModeConfig { name: "maml".into(), q_rule: "fixed".into(), q: 0.1, q_min: 0.05, lambda: 1.0, cg_steps: 5 }
+    }
+}
+
+impl Default for EvalConfig {
+    fn default() -> Self {
+        EvalConfig { every: 500, episodes: 100, inner_steps: 3, split: "val".into() }
+    }
+}
+
+impl Default for CheckpointConfig {
+    fn default() -> Self {
+        CheckpointConfig { dir: "checkpoints".into(), every: 500, keep_last: 3 }
+    }
+}
+
+/// Set `path` (dotted) in a TOML table to `raw`, read as a TOML value when
+/// it parses as one (numbers, booleans, quoted strings) and as a string otherwise.
+fn set_path(table: &mut toml::Table, path: &str, raw: &str) -> Result<()> {
+    let value = toml::from_str::<toml::Table>(&format!("v = {raw}")).ok().and_then(|mut t| t.remove("v")).unwrap_or_else(|| toml::Value::String(raw.to_string()));
+    let mut keys: Vec<&str> = path.split('.').collect();
+    let last = keys.pop().filter(|k| !k.is_empty()).ok_or_else(|| anyhow::anyhow!("--set {path}={raw}: empty key"))?;
+    let mut at = table;
+    for key in keys {
+        at = at
+            .entry(key.to_string())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+            .as_table_mut()
+            .ok_or_else(|| anyhow::anyhow!("--set {path}: {key} is not a section"))?;
+    }
+    at.insert(last.to_string(), value);
+    Ok(())
+}
+
+impl Config {
+    /// Parse TOML text and apply `key=value` overrides; `source` names the text in errors.
+    pub fn parse(text: &str, overrides: &[String], source: &str) -> Result<Config> {
+        let mut table: toml::Table = toml::from_str(text).map_err(|e| anyhow::anyhow!("{source}: {e}"))?;
+        for o in overrides {
+            let (key, value) = o.split_once('=').ok_or_else(|| anyhow::anyhow!("--set {o}: expected section.key=value, e.g. train.meta_lr=0.0005"))?;
+            set_path(&mut table, key.trim(), value.trim())?;
+        }
+        let config: Config = serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
+            let path = e.path().to_string();
+            anyhow::anyhow!("{source}: key `{path}`: {}", e.into_inner())
+        })?;
+        config.validate().with_context(|| format!("{source}: invalid settings"))?;
+        Ok(config)
+    }
+
+    pub fn load(path: &Path, overrides: &[String]) -> Result<Config> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read the config {}; the shipped ones are in configs/", path.display()))?;
+        Config::parse(&text, overrides, &path.display().to_string())
+    }
+
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).expect("a config always serialises")
+    }
+
+    pub fn mode(&self) -> Result<Mode> {
+        let m = &self.mode;
+        Ok(match m.name.as_str() {
+            "maml" => Mode::Maml,
+            "maml-unrolled" => Mode::MamlUnrolled,
+            "fomaml" => Mode::Fomaml,
+            "ufo" => match m.q_rule.as_str() {
+                "fixed" => Mode::Ufo(QRule::Fixed(m.q)),
+                "adaptive" => Mode::Ufo(QRule::Adaptive(AdaptiveQ::new(m.q_min))),
+                other => bail!("key `mode.q_rule`: '{other}' is not a q rule; expected fixed or adaptive"),
+            },
+            "implicit" => Mode::Implicit { lambda: m.lambda, cg_steps: m.cg_steps },
+            other => bail!("key `mode.name`: unknown mode '{other}'; expected maml, maml-unrolled, fomaml, ufo or implicit"),
+        })
+    }
+
+    pub fn inner(&self) -> InnerLoop {
+        InnerLoop { steps: self.train.inner_steps, lr: self.train.inner_lr }
+    }
+
+    pub fn eval_inner(&self) -> InnerLoop {
+        InnerLoop { steps: self.eval.inner_steps, lr: self.train.inner_lr }
+    }
+
+    pub fn episode_shape(&self) -> EpisodeShape {
+        EpisodeShape { way: self.data.way, shot: self.data.shot, queries: self.data.queries }
+    }
+
+    pub fn model(&self) -> Result<Conv4> {
+        let mut model = Conv4::for_dataset(self.data.dataset.name(), self.data.way)?;
+        if self.model.channels > 0 {
+            model.channels = self.model.channels;
+        }
+        Ok(model)
+    }
+
+    pub fn dataset(&self) -> DatasetSpec {
+        let dir = (!self.data.data_dir.is_empty()).then(|| PathBuf::from(&self.data.data_dir));
+        let mut spec = DatasetSpec::standard(self.data.dataset, dir.as_deref());
+        spec.split_scheme = self.data.split_scheme.clone();
+        spec.rotations = self.data.rotations;
+        spec.seed = self.data.split_seed;
+        spec
+    }
+
+    pub fn run_dir(&self) -> PathBuf {
+        PathBuf::from(&self.checkpoint.dir).join(&self.run.name)
+    }
+
+    fn validate(&self) -> Result<()> {
+        let mode = self.mode()?;
+        mode.validate(&self.inner())?;
+        let t = &self.train;
+        if t.meta_batch == 0 {
+            bail!("key `train.meta_batch` = 0: a meta-batch needs at least 1 task");
+        }
+        if !(t.meta_lr.is_finite() && t.meta_lr > 0.0) {
+            bail!("key `train.meta_lr` = {}: it must be a finite number > 0", t.meta_lr);
+        }
+        if !(t.grad_clip.is_finite() && t.grad_clip >= 0.0) {
+            bail!("key `train.grad_clip` = {}: use a norm > 0, or 0 for no clipping", t.grad_clip);
+        }
+        if self.eval.every > 0 && (self.eval.episodes == 0 || self.eval.inner_steps == 0) {
+            bail!("keys `eval.episodes` and `eval.inner_steps` must be ≥ 1 when `eval.every` > 0");
+        }
+        if self.run.name.is_empty() || self.run.name.contains(['/', '\\']) || self.run.name.starts_with('.') {
+            bail!("key `run.name` = '{}': use a plain folder name", self.run.name);
+        }
+        if !["auto", "cpu", "wgpu"].contains(&self.run.backend.as_str()) {
+            bail!("key `run.backend` = '{}': expected auto, cpu or wgpu", self.run.backend);
+        }
+        if !["f32", "f64"].contains(&self.run.precision.as_str()) {
+            bail!("key `run.precision` = '{}': expected f32 or f64", self.run.precision);
+        }
+        Ok(())
+    }
+
+    /// The settings that decide the network's shape; a checkpoint only resumes under the same ones.
+    pub fn architecture(&self) -> (DatasetKind, usize, usize) {
+        (self.data.dataset, self.data.way, self.model.channels)
+    }
+}

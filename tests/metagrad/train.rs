@@ -1,0 +1,230 @@
+//! The trainer end to end: learning on the synthetic dataset, exact resume,
+//! surviving SIGKILL, Ctrl-C, evaluation, plots and every error path.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+
+use metagrad::backend::{self, BackendKind, Selection};
+use metagrad::config::Config;
+use metagrad::tensor::Precision;
+use metagrad::train::{Summary, TrainJob, read_metrics};
+
+fn temp(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("metagrad-train-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// A small synthetic config whose checkpoints go under `dir`.
+fn small_config(dir: &Path, extra: &str) -> PathBuf {
+    let text = format!(
+        "[run]\nname = \"small\"\nbackend = \"cpu\"\n[data]\ndataset = \"synthetic\"\nqueries = 3\nprefetch = 4\n[model]\nchannels = 8\n\
+         [train]\nmeta_steps = 6\nmeta_batch = 2\nmeta_lr = 0.003\ninner_lr = 0.4\n[eval]\nevery = 2\nepisodes = 4\n\
+         [checkpoint]\ndir = \"{}\"\nevery = 3\nkeep_last = 2\n{extra}",
+        dir.join("checkpoints").display()
+    );
+    let path = dir.join("small.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn metagrad(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_metagrad")).args(args).env_remove("METAGRAD_BACKEND").output().expect("metagrad runs")
+}
+
+fn ok(out: &Output) -> String {
+    assert!(out.status.success(), "stdout: {}\nstderr: {}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn err(out: &Output) -> String {
+    assert!(!out.status.success(), "expected a failure; stdout: {}", String::from_utf8_lossy(&out.stdout));
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// Metrics without their wall-clock field, which differs between runs.
+fn metrics_without_time(path: &Path) -> Vec<String> {
+    read_metrics(path).unwrap().into_iter().map(|mut m| {
+        m.elapsed_s = 0.0;
+        serde_json::to_string(&m).unwrap()
+    }).collect()
+}
+
+#[test]
+fn each_mode_learns_synthetic_5way_1shot() {
+    for (mode, extra) in [("maml", ""), ("fomaml", ""), ("ufo", "q_rule = \"adaptive\"\nq_min = 0.2\n"), ("implicit", "lambda = 2.0\ncg_steps = 3\n")] {
+        let dir = temp(&format!("learn-{mode}"));
+        let inner = if mode == "implicit" { "inner_steps = 5\ninner_lr = 0.1\n" } else { "inner_steps = 1\ninner_lr = 0.4\n" };
+        let text = format!(
+            "[run]\nname = \"{mode}\"\nseed = 1\n[data]\ndataset = \"synthetic\"\nqueries = 5\n[model]\nchannels = 16\n\
+             [train]\nmeta_steps = 200\nmeta_batch = 4\nmeta_lr = 0.003\n{inner}[mode]\nname = \"{mode}\"\n{extra}\
+             [eval]\nevery = 100\nepisodes = 100\ninner_steps = 3\n[checkpoint]\ndir = \"{}\"\nevery = 0\n",
+            dir.display()
+        );
+        let config = Config::parse(&text, &[], mode).unwrap();
+        let job = TrainJob { config, resume: None, progress: false, stop: Arc::new(AtomicBool::new(false)), splits: None };
+        let outcome = backend::dispatch(Selection { kind: BackendKind::Cpu, precision: Precision::F32 }, job).unwrap();
+        let (_, accuracy) = outcome.best.unwrap();
+        eprintln!("{mode}: best validation accuracy {accuracy:.3} after 200 steps");
+        // Chance is 0.2; an untrained Conv-4 adapted for 3 steps sits near 0.3.
+        assert!(accuracy > 0.5, "{mode}: validation accuracy {accuracy} is not well above chance (0.2)");
+    }
+}
+
+#[test]
+fn a_resumed_run_equals_an_uninterrupted_one() {
+    let dir = temp("resume");
+    let config = small_config(&dir, "[mode]\nname = \"ufo\"\nq_rule = \"adaptive\"\nq_min = 0.3\n");
+    let c = config.to_str().unwrap();
+    ok(&metagrad(&["train", "--config", c, "--quiet", "--set", "run.name=whole"]));
+    ok(&metagrad(&["train", "--config", c, "--quiet", "--set", "run.name=halves", "--set", "train.meta_steps=3"]));
+    let out = ok(&metagrad(&["train", "--resume", dir.join("checkpoints/halves").to_str().unwrap(), "--quiet", "--set", "train.meta_steps=6"]));
+    assert!(out.contains("finished after step 6"), "{out}");
+    let (whole, halves) = (dir.join("checkpoints/whole"), dir.join("checkpoints/halves"));
+    for file in ["params.safetensors", "optimizer.safetensors"] {
+        let a = std::fs::read(whole.join("step-0000006").join(file)).unwrap();
+        let b = std::fs::read(halves.join("step-0000006").join(file)).unwrap();
+        assert!(a == b, "{file} differs between the uninterrupted and the resumed run");
+    }
+    let state = |d: &Path| -> serde_json::Value {
+        let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(d.join("step-0000006/state.json")).unwrap()).unwrap();
+        v["elapsed_s"] = 0.into();
+        v
+    };
+    assert_eq!(state(&whole), state(&halves), "step, RNG streams and adaptive-q state continue exactly");
+    assert_eq!(metrics_without_time(&whole.join("metrics.jsonl")), metrics_without_time(&halves.join("metrics.jsonl")));
+    assert_eq!(read_metrics(&whole.join("metrics.jsonl")).unwrap().len(), 6 + 3, "6 training lines and 3 validations");
+    // keep_last = 2, plus the best.
+    let steps = std::fs::read_dir(&whole).unwrap().filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().starts_with("step-")).count();
+    assert!((2..=3).contains(&steps), "{steps} step folders kept");
+}
+
+#[test]
+fn sigkill_while_checkpointing_resumes_from_the_last_complete_checkpoint() {
+    let dir = temp("kill");
+    let config = small_config(&dir, "");
+    let c = config.to_str().unwrap();
+    let run = dir.join("checkpoints/small");
+    let args = ["train", "--config", c, "--quiet", "--set", "train.meta_steps=400", "--set", "checkpoint.every=1", "--set", "eval.every=0"];
+    let latest_step = || metagrad::checkpoint::pointer(&run, "latest").map(|p| p.file_name().unwrap().to_string_lossy().into_owned());
+    // Every step writes a checkpoint, so a kill a few milliseconds after one
+    // lands while the next step runs or its checkpoint is being written.
+    for (round, wait_ms) in [(0, 0u64), (1, 3), (2, 7), (3, 12)] {
+        let resume = if round == 0 { vec![] } else { vec!["--resume", run.to_str().unwrap()] };
+        let before = latest_step();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_metagrad")).args(args).args(&resume).spawn().unwrap();
+        let start = std::time::Instant::now();
+        while latest_step() == before && start.elapsed().as_secs() < 120 {
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(wait_ms));
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert_ne!(latest_step(), before, "round {round}: training progressed");
+        let latest = metagrad::checkpoint::pointer(&run, "latest").expect("latest names a complete checkpoint");
+        metagrad::checkpoint::Checkpoint::read(&latest).expect("the checkpoint latest names is complete");
+    }
+    let out = ok(&metagrad(&["train", "--resume", run.to_str().unwrap(), "--quiet", "--set", "train.meta_steps=20", "--set", "checkpoint.every=1"]));
+    assert!(out.contains("after step 20"), "{out}");
+    let metrics = read_metrics(&run.join("metrics.jsonl")).unwrap();
+    let steps: Vec<usize> = metrics.iter().map(|m| m.step).collect();
+    assert_eq!(steps, (1..=20).collect::<Vec<_>>(), "the log continues without gaps or repeats");
+}
+
+#[test]
+fn ctrl_c_writes_a_checkpoint_and_exits_cleanly() {
+    let dir = temp("sigint");
+    let config = small_config(&dir, "");
+    let run = dir.join("checkpoints/small");
+    let child = Command::new(env!("CARGO_BIN_EXE_metagrad"))
+        .args(["train", "--config", config.to_str().unwrap(), "--quiet", "--set", "train.meta_steps=100000", "--set", "checkpoint.every=1000", "--set", "eval.every=0"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait until training runs (the metrics log grows), then interrupt.
+    let start = std::time::Instant::now();
+    while read_metrics(&run.join("metrics.jsonl")).map_or(0, |m| m.len()) < 3 && start.elapsed().as_secs() < 120 {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
+    let out = child.wait_with_output().unwrap();
+    let text = ok(&out);
+    assert!(text.contains("stopped after step") && text.contains("--resume"), "{text}");
+    let latest = metagrad::checkpoint::pointer(&run, "latest").expect("Ctrl-C wrote a checkpoint");
+    let saved = metagrad::checkpoint::Checkpoint::read(&latest).unwrap();
+    assert_eq!(saved.state.step, read_metrics(&run.join("metrics.jsonl")).unwrap().len());
+}
+
+#[test]
+fn eval_reports_a_reproducible_confidence_interval() {
+    let s = Summary::of(&[1.0, 0.0, 1.0, 0.0], &[0.5; 4]);
+    assert_eq!((s.accuracy, s.episodes), (0.5, 4));
+    assert!((s.ci95 - 1.96 * 0.5 / 2.0).abs() < 1e-12);
+    let values: Vec<f64> = (0..50).map(|i| ((i * 37) % 11) as f64 / 10.0).collect();
+    let mean = values.iter().sum::<f64>() / 50.0;
+    let sigma = (values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / 50.0).sqrt();
+    assert!((Summary::of(&values, &values).ci95 - 1.96 * sigma / 50f64.sqrt()).abs() < 1e-12);
+
+    let dir = temp("eval");
+    let config = small_config(&dir, "");
+    ok(&metagrad(&["train", "--config", config.to_str().unwrap(), "--quiet"]));
+    let run = dir.join("checkpoints/small");
+    let eval = |seed: &str, out: &Path| {
+        let text = ok(&metagrad(&["eval", "--checkpoint", run.to_str().unwrap(), "--episodes", "20", "--seed", seed, "--backend", "cpu", "--out", out.to_str().unwrap()]));
+        assert!(text.contains("test accuracy") && text.contains("95% CI over 20 episodes"), "{text}");
+        let v: serde_json::Value = serde_json::from_slice(&std::fs::read(out).unwrap()).unwrap();
+        (v["accuracy"].as_f64().unwrap(), v["ci95"].as_f64().unwrap())
+    };
+    let a = eval("5", &dir.join("a.json"));
+    assert_eq!(a, eval("5", &dir.join("b.json")), "same checkpoint and seed, same result");
+    assert!((0.0..=1.0).contains(&a.0) && a.1 > 0.0);
+
+    let png = dir.join("curves.png");
+    ok(&metagrad(&["plot", run.to_str().unwrap(), "--out", png.to_str().unwrap()]));
+    let image = image::open(&png).unwrap();
+    assert_eq!((image.width(), image.height()), (900, 2 * 330 + 40));
+}
+
+#[test]
+fn bad_configs_and_checkpoints_say_what_is_wrong() {
+    let dir = temp("errors");
+    let config = small_config(&dir, "");
+    let c = config.to_str().unwrap();
+    let e = err(&metagrad(&["train", "--config", c, "--set", "train.meta_lrr=0.1"]));
+    assert!(e.contains("meta_lrr") && e.contains("unknown field"), "{e}");
+    let e = err(&metagrad(&["train", "--config", c, "--set", "train.meta_batch=many"]));
+    assert!(e.contains("train.meta_batch") && e.contains("invalid type"), "{e}");
+    let e = err(&metagrad(&["train", "--config", c, "--set", "mode.name=reptile"]));
+    assert!(e.contains("mode.name") && e.contains("reptile"), "{e}");
+    let e = err(&metagrad(&["train", "--config", c, "--set", "data.dataset=omniglot", "--set", &format!("data.data_dir={}", dir.join("none").display())]));
+    assert!(e.contains("does not exist") && e.contains("metagrad data fetch omniglot"), "{e}");
+    let e = err(&metagrad(&["train", "--config", c, "--set", "data.way=400"]));
+    assert!(e.contains("400-way"), "{e}");
+
+    // NaN: a huge meta step size blows the parameters up after step 1.
+    let e = err(&metagrad(&["train", "--config", c, "--quiet", "--set", "train.meta_lr=1e30", "--set", "checkpoint.every=1", "--set", "eval.every=0"]));
+    assert!(e.contains("diverged at step 2") && e.contains("step-0000001") && e.contains("kept"), "{e}");
+    let run = dir.join("checkpoints/small");
+    assert!(metagrad::checkpoint::pointer(&run, "latest").unwrap().ends_with("step-0000001"));
+
+    // A second fresh run under the same name would mix two runs.
+    let e = err(&metagrad(&["train", "--config", c]));
+    assert!(e.contains("already has checkpoints") && e.contains("--resume"), "{e}");
+    // Another architecture.
+    let other = dir.join("other.toml");
+    std::fs::write(&other, std::fs::read_to_string(&config).unwrap().replace("[data]\n", "[data]\nway = 10\n")).unwrap();
+    let e = err(&metagrad(&["train", "--config", other.to_str().unwrap(), "--resume"]));
+    assert!(e.contains("10-way") && e.contains("5-way") && e.contains("own config"), "{e}");
+    // A truncated checkpoint file.
+    let params = run.join("step-0000001/params.safetensors");
+    let bytes = std::fs::read(&params).unwrap();
+    std::fs::write(&params, &bytes[..bytes.len() / 2]).unwrap();
+    let e = err(&metagrad(&["train", "--resume", run.to_str().unwrap()]));
+    assert!(e.contains("params.safetensors") && e.contains("older step folder"), "{e}");
+    let e = err(&metagrad(&["eval", "--checkpoint", dir.join("nowhere").to_str().unwrap()]));
+    assert!(e.contains("no checkpoint"), "{e}");
+}
