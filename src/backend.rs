@@ -113,6 +113,7 @@ pub fn select(requested: Option<BackendKind>, precision: Option<Precision>) -> R
         },
     };
     let has_adapter = || !wgpu_adapters().is_empty();
+    let has_hardware_adapter = || wgpu_adapters().iter().any(|a| !a.software);
     match (requested, precision) {
         (Some(BackendKind::Wgpu), Some(Precision::F64)) => bail!(
             "f64 is not available on wgpu (GPU shaders here compute in f32); use --backend cpu --precision f64, or --precision f32 on wgpu"
@@ -122,7 +123,11 @@ pub fn select(requested: Option<BackendKind>, precision: Option<Precision>) -> R
         ),
         (Some(kind), p) => Ok((Selection { kind, precision: p.unwrap_or(Precision::F32) }, None)),
         (None, Some(Precision::F64)) => Ok((Selection { kind: BackendKind::Cpu, precision: Precision::F64 }, None)),
-        (None, _) if has_adapter() => Ok((Selection { kind: BackendKind::Wgpu, precision: Precision::F32 }, None)),
+        (None, _) if has_hardware_adapter() => Ok((Selection { kind: BackendKind::Wgpu, precision: Precision::F32 }, None)),
+        (None, _) if has_adapter() => Ok((
+            Selection { kind: BackendKind::Cpu, precision: Precision::F32 },
+            Some("the only wgpu adapter is a software rasteriser, slower than the CPU backend; running on the CPU (Flex). Use --backend wgpu to run on it anyway".to_string()),
+        )),
         (None, _) => Ok((
             Selection { kind: BackendKind::Cpu, precision: Precision::F32 },
             Some("no wgpu adapter found; running on the CPU backend (Flex) instead".to_string()),

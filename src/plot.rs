@@ -146,12 +146,21 @@ pub fn training_curves(metrics: &[crate::train::Metrics], title: &str, path: &Pa
                 .y_label_area_size(60)
                 .build_cartesian_2d(0f64..max_step, (lo - pad)..(hi + pad))
                 .map_err(|e| err(&e))?;
-            chart.configure_mesh().x_desc("meta-iteration").label_style((FONT, 12)).draw().map_err(|e| err(&e))?;
+            chart
+                .configure_mesh()
+                .x_desc("meta-iteration")
+                .x_label_formatter(&|x| format!("{x:.0}"))
+                .label_style((FONT, 12))
+                .draw()
+                .map_err(|e| err(&e))?;
             for (label, pts, colour) in lines {
                 if pts.is_empty() {
                     continue;
                 }
                 let colour = *colour;
+                if *label == "val" {
+                    chart.draw_series(pts.iter().map(|&p| Circle::new(p, 3, colour.filled()))).map_err(|e| err(&e))?;
+                }
                 chart
                     .draw_series(LineSeries::new(pts.iter().copied(), colour.stroke_width(2)))
                     .map_err(|e| err(&e))?

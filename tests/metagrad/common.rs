@@ -1,4 +1,4 @@
-//! Shared helpers: f64 CPU backend, random data, finite differences.
+//! Shared helpers: f64 CPU backend, random data, finite differences, temporary folders.
 
 use burn::backend::{Flex, FlexDevice};
 use metagrad::diff::{Objective, value_and_grad};
@@ -9,6 +9,14 @@ use rand_chacha::ChaCha8Rng;
 pub type Cpu = Flex;
 pub const DEV: FlexDevice = FlexDevice;
 pub const F64: Precision = Precision::F64;
+
+/// A fresh, empty folder for one test, unique to this test process.
+pub fn fresh_dir(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("metagrad-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
 
 pub fn rng(seed: u64) -> ChaCha8Rng {
     ChaCha8Rng::seed_from_u64(seed)

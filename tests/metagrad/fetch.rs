@@ -94,10 +94,7 @@ fn archives(dir: &Path) -> (BTreeMap<String, Vec<u8>>, BTreeMap<String, String>)
 }
 
 fn temp(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("metagrad-fetch-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+    crate::common::fresh_dir(&format!("fetch-{name}"))
 }
 
 fn source(url: &str, checksums: &BTreeMap<String, String>) -> Source {

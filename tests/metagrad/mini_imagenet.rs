@@ -7,8 +7,7 @@ use std::path::{Path, PathBuf};
 use metagrad::mini_imagenet::{load_split, read_csv};
 
 fn temp(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("metagrad-mini-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
+    let dir = crate::common::fresh_dir(&format!("mini-{name}"));
     std::fs::create_dir_all(dir.join("images")).unwrap();
     dir
 }

@@ -16,10 +16,7 @@ fn archives() -> Option<PathBuf> {
 }
 
 fn temp(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("metagrad-omniglot-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+    crate::common::fresh_dir(&format!("omniglot-{name}"))
 }
 
 #[test]

@@ -11,9 +11,7 @@ use metagrad::tensor::Precision;
 use crate::common::*;
 
 fn temp_dir(name: &str) -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("metagrad-test-{name}-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+    crate::common::fresh_dir(&format!("store-{name}"))
 }
 
 #[test]

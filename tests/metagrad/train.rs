@@ -12,10 +12,7 @@ use metagrad::tensor::Precision;
 use metagrad::train::{Summary, TrainJob, read_metrics};
 
 fn temp(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("metagrad-train-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+    crate::common::fresh_dir(&format!("train-{name}"))
 }
 
 /// A small synthetic config whose checkpoints go under `dir`.
