@@ -404,6 +404,8 @@ pub struct TrainRow {
     pub workload: String,
     pub backend: String,
     pub mode: String,
+    /// The meta-batch as one stacked network (true) or task by task.
+    pub batched: bool,
     pub meta_batch: usize,
     pub inner_steps: usize,
     pub meta_iterations_per_second: f64,
@@ -414,7 +416,7 @@ pub struct TrainRow {
 /// task's hypergradient, Adam), on random images of each workload's shape:
 /// Omniglot 5-way 1-shot with meta-batch 32 and one inner step, and
 /// Mini-ImageNet 5-way 1-shot with meta-batch 4 and five inner steps.
-pub fn train_bench(selection: crate::backend::Selection, steps: usize, modes: &[String]) -> anyhow::Result<Vec<TrainRow>> {
+pub fn train_bench(selection: crate::backend::Selection, steps: usize, modes: &[String], batched: bool) -> anyhow::Result<Vec<TrainRow>> {
     use std::sync::Arc;
     let workloads = [
         // (name, dataset, meta-batch, inner steps, inner lr, image shape, classes, images per class)
@@ -433,8 +435,9 @@ pub fn train_bench(selection: crate::backend::Selection, steps: usize, modes: &[
                 m => (format!("name = \"{m}\"\n"), inner, lr),
             };
             let text = format!(
-                "[run]\nname = \"{}-{mode}\"\n[data]\ndataset = \"{dataset}\"\nqueries = 15\n[train]\nmeta_steps = {}\nmeta_batch = {batch}\ninner_steps = {r}\ninner_lr = {a}\n[mode]\n{mode_keys}[eval]\nevery = 0\n[checkpoint]\ndir = \"{}\"\nevery = 0\n",
+                "[run]\nname = \"{}-{mode}\"\n[data]\ndataset = \"{dataset}\"\nqueries = 15\n[train]\ntask_batching = \"{}\"\nmeta_steps = {}\nmeta_batch = {batch}\ninner_steps = {r}\ninner_lr = {a}\n[mode]\n{mode_keys}[eval]\nevery = 0\n[checkpoint]\ndir = \"{}\"\nevery = 0\n",
                 dataset,
+                if batched { "on" } else { "off" },
                 steps + 1,
                 dir.display()
             );
@@ -446,6 +449,7 @@ pub fn train_bench(selection: crate::backend::Selection, steps: usize, modes: &[
                 progress: false,
                 stop: Arc::new(std::sync::atomic::AtomicBool::new(false)),
                 splits: Some((split.clone(), None)),
+                task_batching: batched,
             };
             crate::backend::dispatch(selection, job)?;
             let metrics = crate::train::read_metrics(&config.run_dir().join("metrics.jsonl"))?;
@@ -455,6 +459,7 @@ pub fn train_bench(selection: crate::backend::Selection, steps: usize, modes: &[
                 workload: workload.to_string(),
                 backend: selection.kind.name().to_string(),
                 mode: mode.clone(),
+                batched,
                 meta_batch: batch,
                 inner_steps: r,
                 meta_iterations_per_second: 1.0 / seconds,
@@ -469,11 +474,11 @@ pub fn train_bench(selection: crate::backend::Selection, steps: usize, modes: &[
 }
 
 pub fn format_train_table(rows: &[TrainRow]) -> String {
-    let mut out = format!("{:<28} {:<8} {:<9} {:>5} {:>3} {:>12} {:>10}\n", "workload", "backend", "mode", "tasks", "r", "meta-it/s", "s/meta-it");
+    let mut out = format!("{:<28} {:<8} {:<9} {:<8} {:>5} {:>3} {:>12} {:>10}\n", "workload", "backend", "mode", "batched", "tasks", "r", "meta-it/s", "s/meta-it");
     for r in rows {
         out.push_str(&format!(
-            "{:<28} {:<8} {:<9} {:>5} {:>3} {:>12.3} {:>10.2}\n",
-            r.workload, r.backend, r.mode, r.meta_batch, r.inner_steps, r.meta_iterations_per_second, r.seconds_per_meta_iteration
+            "{:<28} {:<8} {:<9} {:<8} {:>5} {:>3} {:>12.3} {:>10.2}\n",
+            r.workload, r.backend, r.mode, r.batched, r.meta_batch, r.inner_steps, r.meta_iterations_per_second, r.seconds_per_meta_iteration
         ));
     }
     out

@@ -67,6 +67,10 @@ pub struct TrainConfig {
     pub grad_clip: f64,
     /// Meta-iterations of first-order (fomaml) updates before the selected mode takes over.
     pub first_order_warmup: usize,
+    /// on: run the meta-batch as one stacked network (grouped convolutions);
+    /// off: task by task; auto: stacked on wgpu, task by task on the CPU,
+    /// where Flex's grouped convolution is slower than separate ones.
+    pub task_batching: String,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -143,7 +147,16 @@ impl Default for DataConfig {
 
 impl Default for TrainConfig {
     fn default() -> Self {
-        TrainConfig { meta_steps: 60000, meta_batch: 32, meta_lr: 1e-3, inner_steps: 1, inner_lr: 0.4, grad_clip: 0.0, first_order_warmup: 0 }
+        TrainConfig {
+            meta_steps: 60000,
+            meta_batch: 32,
+            meta_lr: 1e-3,
+            inner_steps: 1,
+            inner_lr: 0.4,
+            grad_clip: 0.0,
+            first_order_warmup: 0,
+            task_batching: "auto".into(),
+        }
     }
 }
 
@@ -253,6 +266,15 @@ impl Config {
         spec
     }
 
+    /// Whether training on `backend` stacks the meta-batch into one network.
+    pub fn task_batching(&self, backend: crate::backend::BackendKind) -> bool {
+        match self.train.task_batching.as_str() {
+            "on" => true,
+            "off" => false,
+            _ => backend == crate::backend::BackendKind::Wgpu,
+        }
+    }
+
     pub fn run_dir(&self) -> PathBuf {
         PathBuf::from(&self.checkpoint.dir).join(&self.run.name)
     }
@@ -275,6 +297,9 @@ impl Config {
         }
         if self.run.name.is_empty() || self.run.name.contains(['/', '\\']) || self.run.name.starts_with('.') {
             bail!("key `run.name` = '{}': use a plain folder name", self.run.name);
+        }
+        if !["auto", "on", "off"].contains(&self.train.task_batching.as_str()) {
+            bail!("key `train.task_batching` = '{}': expected auto, on or off", self.train.task_batching);
         }
         if !["auto", "cpu", "wgpu"].contains(&self.run.backend.as_str()) {
             bail!("key `run.backend` = '{}': expected auto, cpu or wgpu", self.run.backend);

@@ -5,6 +5,7 @@
 //! - [`diff`]: gradients that stay differentiable, and Hessian-vector products.
 //! - [`model`]: the Conv-4 learner with PyTorch parameter names.
 //! - [`hypergrad`]: inner-loop adaptation and meta-gradients.
+//! - [`batched`]: a whole meta-batch as one stacked network.
 //! - [`data`]: datasets in memory and the seeded episode sampler.
 //! - [`dataset`]: dataset names, roots and split loading.
 //! - [`synthetic`]: the embedded procedural dataset.
@@ -22,6 +23,7 @@
 //! - [`bench`]: benchmarks printed as tables and JSON.
 
 pub mod backend;
+pub mod batched;
 pub mod bench;
 pub mod cache;
 pub mod checkpoint;

@@ -323,6 +323,9 @@ enum BenchCommand {
         /// Modes to measure, comma-separated.
         #[arg(long, value_delimiter = ',', default_value = "maml,fomaml,ufo,implicit")]
         modes: Vec<String>,
+        /// Run each meta-batch task by task instead of as one stacked network.
+        #[arg(long)]
+        task_by_task: bool,
         #[arg(long)]
         json: Option<PathBuf>,
     },
@@ -596,7 +599,8 @@ fn train(args: TrainArgs) -> Result<()> {
         config.train.meta_batch,
         selection.describe()
     );
-    let job = TrainJob { config: config.clone(), resume, progress: !args.quiet, stop, splits: None };
+    let task_batching = config.task_batching(selection.kind);
+    let job = TrainJob { config: config.clone(), resume, progress: !args.quiet, stop, splits: None, task_batching };
     let outcome = backend::dispatch(selection, job)?;
     let best = outcome.best.map_or(String::new(), |(s, a)| format!(", best validation accuracy {:.2}% at step {s}", 100.0 * a));
     println!("{} after step {}{best}", if outcome.interrupted { "stopped" } else { "finished" }, outcome.step);
@@ -725,10 +729,10 @@ fn run(cli: Cli) -> Result<()> {
         Command::Train(args) => train(args),
         Command::Eval(args) => eval(args),
         Command::Plot { run, out, checkpoint_dir } => plot(&run, &out, &checkpoint_dir),
-        Command::Bench { which: BenchCommand::Train { backend: args, steps, modes, json } } => {
+        Command::Bench { which: BenchCommand::Train { backend: args, steps, modes, task_by_task, json } } => {
             let selection = args.select()?;
             eprintln!("benchmarking training on {}", selection.describe());
-            let rows = metagrad::bench::train_bench(selection, steps.max(1), &modes)?;
+            let rows = metagrad::bench::train_bench(selection, steps.max(1), &modes, !task_by_task)?;
             report(&metagrad::bench::format_train_table(&rows), &rows, json)
         }
         Command::Bench { which: BenchCommand::Data { location, seconds, json } } => {

@@ -127,6 +127,35 @@ impl Conv4 {
     }
 }
 
+impl Conv4 {
+    /// Logits [T·n, way] of T Conv-4s at once. Each parameter holds the T
+    /// tasks' values stacked along its first dimension; `x` [n, T·C, H, W]
+    /// holds the tasks' n images side by side along channels. Convolutions
+    /// with groups = T keep the tasks apart, batch norm's per-channel
+    /// statistics are then per task, and the heads are one batched matmul.
+    pub fn forward_stacked<B: Level>(&self, params: &[Tensor<B>], x: &Tensor<B>, tasks: usize) -> Tensor<B> {
+        let dims = x.dims();
+        let expected = [tasks * self.in_channels, self.image_size, self.image_size];
+        assert!(
+            dims.len() == 4 && dims[1..] == expected,
+            "Conv-4 stacked forward: images of shape {dims:?} do not match [n, {}, {}, {}] for {tasks} tasks",
+            expected[0],
+            expected[1],
+            expected[2]
+        );
+        let mut h = x.clone();
+        for block in params[..4 * BLOCKS].chunks(4) {
+            let [w, b, gamma, beta] = block else { unreachable!() };
+            h = batch_norm(&h.conv2d(w, b, 1, tasks), gamma, beta).relu().max_pool2x2();
+        }
+        let n = dims[0];
+        let features = h.reshape(&[n, tasks, self.features()]).swap_dims(0, 1);
+        let weight = params[4 * BLOCKS].reshape(&[tasks, self.way, self.features()]).transpose();
+        let bias = params[4 * BLOCKS + 1].reshape(&[tasks, 1, self.way]);
+        features.matmul(&weight).add(&bias).reshape(&[tasks * n, self.way])
+    }
+}
+
 /// y = x·Wᵀ + b for x [N, F], W [K, F], b [K], from matmul and add (Burn's
 /// fused linear cannot be differentiated twice).
 pub fn linear<B: Level>(x: &Tensor<B>, weight: &Tensor<B>, bias: &Tensor<B>) -> Tensor<B> {

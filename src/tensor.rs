@@ -311,6 +311,24 @@ impl<B: Level> Tensor<B> {
         Tensor(B::float_reshape(self.0.clone(), shape_of(dims)))
     }
 
+    /// Swap dimensions `a` and `b`.
+    pub fn swap_dims(&self, a: usize, b: usize) -> Self {
+        let rank = self.dims().len();
+        assert!(a < rank && b < rank, "swap_dims: dimensions {a} and {b} of shape {:?}", self.dims());
+        Tensor(B::float_swap_dims(self.0.clone(), a, b))
+    }
+
+    /// Concatenate along dimension `dim`; every other dimension must agree.
+    pub fn cat(parts: &[Self], dim: usize) -> Self {
+        let first = parts.first().expect("cat: nothing to concatenate").dims();
+        for p in parts {
+            let d = p.dims();
+            let fits = d.len() == first.len() && d.iter().zip(&first).enumerate().all(|(i, (a, b))| i == dim || a == b);
+            assert!(fits, "cat: shapes {first:?} and {d:?} do not fit along dimension {dim}");
+        }
+        Tensor(B::float_cat(parts.iter().map(|p| p.0.clone()).collect(), dim))
+    }
+
     /// Swap the last two dimensions.
     pub fn transpose(&self) -> Self {
         assert!(self.dims().len() >= 2, "transpose: shape {:?} has fewer than 2 dimensions", self.dims());

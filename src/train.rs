@@ -21,6 +21,8 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::backend::OnBackend;
+use crate::batched::batched_hypergradient;
+use crate::episode::Episode;
 use crate::checkpoint::{Checkpoint, FORMAT, RngState, TrainState, pointer, prune, set_pointer, step_name};
 use crate::config::Config;
 use crate::data::{BackgroundSampler, EpisodeSampler, EpisodeShape, Split};
@@ -187,6 +189,8 @@ pub struct TrainJob {
     pub stop: Arc<AtomicBool>,
     /// Train on these splits instead of loading the config's dataset (benchmarks).
     pub splits: Option<(Arc<Split>, Option<Arc<Split>>)>,
+    /// Run each meta-batch as one stacked network (`Config::task_batching`).
+    pub task_batching: bool,
 }
 
 impl OnBackend for TrainJob {
@@ -215,7 +219,7 @@ fn stream_seed(seed: u64, stream: u64) -> u64 {
 }
 
 fn train<B: Level<Base = B>>(job: TrainJob, device: Device<B>, precision: Precision) -> Result<Outcome> {
-    let TrainJob { config, resume, progress, stop, splits } = job;
+    let TrainJob { config, resume, progress, stop, splits, task_batching } = job;
     let model = config.model()?;
     let run_dir = config.run_dir();
     std::fs::create_dir_all(&run_dir).with_context(|| format!("cannot create the run folder {}", run_dir.display()))?;
@@ -312,22 +316,31 @@ fn train<B: Level<Base = B>>(job: TrainJob, device: Device<B>, precision: Precis
         let warmup = step < config.train.first_order_warmup;
         let mut fo = Mode::Fomaml;
         let active = if warmup { &mut fo } else { &mut mode };
-        let (mut sum, mut loss, mut accuracy, mut q_sum, mut exact) = (None::<Vec<Tensor<B>>>, 0.0, 0.0, 0.0, 0usize);
-        for _ in 0..config.train.meta_batch {
-            let task = sampler.next_episode().to_task::<B>(precision, &device);
-            let r = task_hypergradient(active, &model, &task, &theta, &inner, &mut ufo_rng);
-            let h = r.hypergradient;
-            loss += h.query_loss;
-            accuracy += r.query_accuracy;
-            q_sum += h.q.unwrap_or(0.0);
-            exact += usize::from(h.exact_branch == Some(true));
-            sum = Some(match sum {
-                None => h.grad,
-                Some(s) => axpy(&s, 1.0, &h.grad),
-            });
-        }
+        let episodes: Vec<Episode> = (0..config.train.meta_batch).map(|_| sampler.next_episode()).collect();
         let t = config.train.meta_batch as f64;
-        let mut grad: Vec<Tensor<B>> = sum.expect("meta_batch ≥ 1").iter().map(|g| g.mul_scalar(1.0 / t)).collect();
+        let (mut grad, loss, accuracy, q_sum, exact) = if task_batching {
+            let refs: Vec<&Episode> = episodes.iter().collect();
+            let r = batched_hypergradient(active, &model, &refs, &theta, &inner, precision, &device, &mut ufo_rng);
+            let q_sum = r.q.unwrap_or(0.0) * t;
+            (r.grad, r.query_losses.iter().sum::<f64>(), r.query_accuracies.iter().sum::<f64>(), q_sum, r.exact.iter().filter(|&&e| e).count())
+        } else {
+            let (mut sum, mut loss, mut accuracy, mut q_sum, mut exact) = (None::<Vec<Tensor<B>>>, 0.0, 0.0, 0.0, 0usize);
+            for episode in &episodes {
+                let task = episode.to_task::<B>(precision, &device);
+                let r = task_hypergradient(active, &model, &task, &theta, &inner, &mut ufo_rng);
+                let h = r.hypergradient;
+                loss += h.query_loss;
+                accuracy += r.query_accuracy;
+                q_sum += h.q.unwrap_or(0.0);
+                exact += usize::from(h.exact_branch == Some(true));
+                sum = Some(match sum {
+                    None => h.grad,
+                    Some(s) => axpy(&s, 1.0, &h.grad),
+                });
+            }
+            let grad: Vec<Tensor<B>> = sum.expect("meta_batch ≥ 1").iter().map(|g| g.mul_scalar(1.0 / t)).collect();
+            (grad, loss, accuracy, q_sum, exact)
+        };
         let (loss, accuracy) = (loss / t, accuracy / t);
         let norm = norm_all(&grad);
         if !loss.is_finite() || !norm.is_finite() {

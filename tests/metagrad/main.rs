@@ -1,6 +1,7 @@
 //! metagrad's integration tests, in one binary so Burn is linked once.
 
 mod common;
+mod batched;
 mod cli;
 mod data;
 mod fetch;

@@ -23,7 +23,10 @@ pub enum Op {
     SumDim,
     MeanDim,
     Matmul,
+    BatchedMatmul,
     Transpose,
+    SwapDims,
+    Cat,
     Reshape,
     Conv2d,
     Conv2dGroups,
@@ -46,6 +49,9 @@ pub fn case(op: Op) -> (Vec<Vec<usize>>, bool) {
         Log | Sqrt => (vec![vec![3, 4]], true),
         SumDim | MeanDim => (vec![vec![2, 3, 4]], false),
         Matmul => (vec![vec![3, 4], vec![4, 5]], false),
+        BatchedMatmul => (vec![vec![2, 3, 4], vec![2, 4, 5]], false),
+        SwapDims => (vec![vec![2, 3, 4]], false),
+        Cat => (vec![vec![2, 3], vec![1, 3]], false),
         Transpose | Reshape => (vec![vec![3, 4]], false),
         Conv2d => (vec![vec![2, 3, 6, 5], vec![4, 3, 3, 3], vec![4]], false),
         Conv2dGroups => (vec![vec![2, 4, 5, 5], vec![6, 2, 3, 3], vec![6]], false),
@@ -58,7 +64,7 @@ pub fn case(op: Op) -> (Vec<Vec<usize>>, bool) {
     }
 }
 
-pub const ALL_OPS: [Op; 21] = [
+pub const ALL_OPS: [Op; 24] = [
     Op::Add,
     Op::Sub,
     Op::Mul,
@@ -69,7 +75,10 @@ pub const ALL_OPS: [Op; 21] = [
     Op::SumDim,
     Op::MeanDim,
     Op::Matmul,
+    Op::BatchedMatmul,
     Op::Transpose,
+    Op::SwapDims,
+    Op::Cat,
     Op::Reshape,
     Op::Conv2d,
     Op::Conv2dGroups,
@@ -95,7 +104,9 @@ fn apply<B: Level<Base = Base>, Base: Level<Base = Base>>(op: Op, p: &[Tensor<B>
         Sqrt => p[0].sqrt(),
         SumDim => p[0].sum_dim(1),
         MeanDim => p[0].mean_dim(2),
-        Matmul => p[0].matmul(&p[1]),
+        Matmul | BatchedMatmul => p[0].matmul(&p[1]),
+        SwapDims => p[0].swap_dims(0, 1),
+        Cat => Tensor::cat(&[p[0].clone(), p[1].clone()], 0),
         Transpose => p[0].transpose(),
         Reshape => p[0].reshape(&[2, 6]),
         Conv2d => p[0].conv2d(&p[1], &p[2], 1, 1),

@@ -62,7 +62,7 @@ fn each_mode_learns_synthetic_5way_1shot() {
             dir.display()
         );
         let config = Config::parse(&text, &[], mode).unwrap();
-        let job = TrainJob { config, resume: None, progress: false, stop: Arc::new(AtomicBool::new(false)), splits: None };
+        let job = TrainJob { config, resume: None, progress: false, stop: Arc::new(AtomicBool::new(false)), splits: None, task_batching: true };
         let outcome = backend::dispatch(Selection { kind: BackendKind::Cpu, precision: Precision::F32 }, job).unwrap();
         let (_, accuracy) = outcome.best.unwrap();
         eprintln!("{mode}: best validation accuracy {accuracy:.3} after 200 steps");
@@ -74,7 +74,10 @@ fn each_mode_learns_synthetic_5way_1shot() {
 #[test]
 fn a_resumed_run_equals_an_uninterrupted_one() {
     let dir = temp("resume");
+    // The stacked meta-batch path (the CPU default is task by task, which the other tests use).
     let config = small_config(&dir, "[mode]\nname = \"ufo\"\nq_rule = \"adaptive\"\nq_min = 0.3\n");
+    let config_text = std::fs::read_to_string(&config).unwrap().replace("[train]\n", "[train]\ntask_batching = \"on\"\n");
+    std::fs::write(&config, config_text).unwrap();
     let c = config.to_str().unwrap();
     ok(&metagrad(&["train", "--config", c, "--quiet", "--set", "run.name=whole"]));
     ok(&metagrad(&["train", "--config", c, "--quiet", "--set", "run.name=halves", "--set", "train.meta_steps=3"]));
