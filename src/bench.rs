@@ -414,18 +414,20 @@ pub struct TrainRow {
 
 /// Meta-iterations per second of the real training loop (sampler, every
 /// task's hypergradient, Adam), on random images of each workload's shape:
-/// Omniglot 5-way 1-shot with meta-batch 32 and one inner step, and
-/// Mini-ImageNet 5-way 1-shot with meta-batch 4 and five inner steps.
+/// Omniglot 5-way 1-shot (meta-batch 32, one inner step), Omniglot 20-way
+/// 1-shot (meta-batch 16, five inner steps) and Mini-ImageNet 5-way 1-shot
+/// (meta-batch 4, five inner steps).
 pub fn train_bench(selection: crate::backend::Selection, steps: usize, modes: &[String], batched: bool) -> anyhow::Result<Vec<TrainRow>> {
     use std::sync::Arc;
     let workloads = [
-        // (name, dataset, meta-batch, inner steps, inner lr, image shape, classes, images per class)
-        ("omniglot 5-way 1-shot", "omniglot", 32usize, 1usize, 0.4, [1usize, 28, 28], 4400usize, 20usize),
-        ("mini-imagenet 5-way 1-shot", "mini-imagenet", 4, 5, 0.01, [3, 84, 84], 64, 40),
+        // (name, dataset, way, queries, meta-batch, inner steps, inner lr, image shape, classes, images per class)
+        ("omniglot 5-way 1-shot", "omniglot", 5usize, 15usize, 32usize, 1usize, 0.4, [1usize, 28, 28], 4400usize, 20usize),
+        ("omniglot 20-way 1-shot", "omniglot", 20, 5, 16, 5, 0.1, [1, 28, 28], 4400, 20),
+        ("mini-imagenet 5-way 1-shot", "mini-imagenet", 5, 15, 4, 5, 0.01, [3, 84, 84], 64, 40),
     ];
     let dir = std::env::temp_dir().join(format!("metagrad-bench-train-{}", std::process::id()));
     let mut rows = Vec::new();
-    for (workload, dataset, batch, inner, lr, shape, classes, per_class) in workloads {
+    for (workload, dataset, way, queries, batch, inner, lr, shape, classes, per_class) in workloads {
         let split = Arc::new(stand_in_split(classes, per_class, shape));
         for mode in modes {
             let (mode_keys, r, a) = match mode.as_str() {
@@ -435,7 +437,7 @@ pub fn train_bench(selection: crate::backend::Selection, steps: usize, modes: &[
                 m => (format!("name = \"{m}\"\n"), inner, lr),
             };
             let text = format!(
-                "[run]\nname = \"{}-{mode}\"\n[data]\ndataset = \"{dataset}\"\nqueries = 15\n[train]\ntask_batching = \"{}\"\nmeta_steps = {}\nmeta_batch = {batch}\ninner_steps = {r}\ninner_lr = {a}\n[mode]\n{mode_keys}[eval]\nevery = 0\n[checkpoint]\ndir = \"{}\"\nevery = 0\n",
+                "[run]\nname = \"{}-{mode}\"\n[data]\ndataset = \"{dataset}\"\nway = {way}\nqueries = {queries}\n[train]\ntask_batching = \"{}\"\nmeta_steps = {}\nmeta_batch = {batch}\ninner_steps = {r}\ninner_lr = {a}\n[mode]\n{mode_keys}[eval]\nevery = 0\n[checkpoint]\ndir = \"{}\"\nevery = 0\n",
                 dataset,
                 if batched { "on" } else { "off" },
                 steps + 1,

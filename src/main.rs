@@ -323,9 +323,9 @@ enum BenchCommand {
         /// Modes to measure, comma-separated.
         #[arg(long, value_delimiter = ',', default_value = "maml,fomaml,ufo,implicit")]
         modes: Vec<String>,
-        /// Run each meta-batch task by task instead of as one stacked network.
-        #[arg(long)]
-        task_by_task: bool,
+        /// Task batching: auto (stacked on wgpu, task by task on the CPU), on or off.
+        #[arg(long, default_value = "auto")]
+        task_batching: String,
         #[arg(long)]
         json: Option<PathBuf>,
     },
@@ -729,10 +729,16 @@ fn run(cli: Cli) -> Result<()> {
         Command::Train(args) => train(args),
         Command::Eval(args) => eval(args),
         Command::Plot { run, out, checkpoint_dir } => plot(&run, &out, &checkpoint_dir),
-        Command::Bench { which: BenchCommand::Train { backend: args, steps, modes, task_by_task, json } } => {
+        Command::Bench { which: BenchCommand::Train { backend: args, steps, modes, task_batching, json } } => {
             let selection = args.select()?;
-            eprintln!("benchmarking training on {}", selection.describe());
-            let rows = metagrad::bench::train_bench(selection, steps.max(1), &modes, !task_by_task)?;
+            let batched = match task_batching.as_str() {
+                "on" => true,
+                "off" => false,
+                "auto" => selection.kind == BackendKind::Wgpu,
+                other => bail!("--task-batching {other}: expected auto, on or off"),
+            };
+            eprintln!("benchmarking training on {}{}", selection.describe(), if batched { ", stacked meta-batches" } else { ", task by task" });
+            let rows = metagrad::bench::train_bench(selection, steps.max(1), &modes, batched)?;
             report(&metagrad::bench::format_train_table(&rows), &rows, json)
         }
         Command::Bench { which: BenchCommand::Data { location, seconds, json } } => {

@@ -1,0 +1,88 @@
+#!/usr/bin/env python3
+"""Side by side with PyTorch: first checks that both compute the same
+hypergradient on identical inputs (`metagrad init`, `metagrad export-episode`,
+`metagrad hypergrad`, then the same in PyTorch, float64), then runs `metagrad
+bench train` and benches/pytorch_train.py on the same workloads and prints
+the ratio of meta-iterations per second (>1: metagrad is faster).
+
+    pip install torch numpy safetensors
+    python3 benches/compare_train.py --metagrad target/release/metagrad [--backend cpu] [--device cpu]
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+import torch
+from safetensors.torch import load_file
+
+here = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, here)
+from pytorch_autodiff import loss_fn  # noqa: E402
+from pytorch_train import adapt  # noqa: E402
+
+NAMES = [f"{layer}.{kind}" for i in range(1, 5) for layer, kind in
+         [(f"conv{i}", "weight"), (f"conv{i}", "bias"), (f"bn{i}", "weight"), (f"bn{i}", "bias")]] + ["head.weight", "head.bias"]
+
+
+def check_hypergradients(metagrad, tmp, backend):
+    p, e = os.path.join(tmp, "p.safetensors"), os.path.join(tmp, "e.safetensors")
+    subprocess.run([metagrad, "init", "--dataset", "omniglot", "--way", "5", "--seed", "1", "--out", p], check=True)
+    subprocess.run([metagrad, "export-episode", "--dataset", "synthetic", "--way", "5", "--shot", "1",
+                    "--queries", "15", "--seed", "3", "--out", e], check=True)
+    params = load_file(p)
+    ep = {k: v for k, v in load_file(e).items()}
+    theta = [params[n].double().requires_grad_() for n in NAMES]
+    xs, ys, xq, yq = ep["support_x"].double(), ep["support_y"], ep["query_x"].double(), ep["query_y"]
+    worst = 0.0
+    for mode, steps in [("maml", 3), ("fomaml", 3)]:
+        g_path = os.path.join(tmp, f"g-{mode}.safetensors")
+        subprocess.run([metagrad, "hypergrad", "--params", p, "--episode", e, "--mode", mode, "--inner-steps", str(steps),
+                        "--inner-lr", "0.4", "--backend", backend, "--out", g_path], check=True, capture_output=True)
+        ours = load_file(g_path)
+        fast = adapt(theta, xs, ys, steps, 0.4, mode == "maml")
+        if mode == "maml":
+            theirs = torch.autograd.grad(loss_fn(fast, xq, yq), theta)
+        else:
+            fast = [f.detach().requires_grad_() for f in fast]
+            theirs = torch.autograd.grad(loss_fn(fast, xq, yq), fast)
+        scale = max(t.abs().max().item() for t in theirs)
+        err = max((ours[n].double() - t).abs().max().item() for n, t in zip(NAMES, theirs))
+        worst = max(worst, err / scale)
+        print(f"hypergradient {mode} r={steps}: max |metagrad - pytorch| = {err:.3e} (largest entry {scale:.3e})")
+    return worst
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--metagrad", default="metagrad")
+    ap.add_argument("--backend", default="cpu")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--modes", default="maml,fomaml")
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        worst = check_hypergradients(args.metagrad, tmp, args.backend)
+        if worst > 1e-4:
+            sys.exit(f"the hypergradients differ (relative {worst:.2e}): the timings below would not compare like with like")
+        ours_path, theirs_path = os.path.join(tmp, "ours.json"), os.path.join(tmp, "torch.json")
+        subprocess.run([args.metagrad, "bench", "train", "--backend", args.backend, "--steps", str(args.steps),
+                        "--modes", args.modes, "--json", ours_path], check=True)
+        subprocess.run([sys.executable, os.path.join(here, "pytorch_train.py"), "--device", args.device,
+                        "--threads", str(args.threads), "--steps", str(args.steps), "--modes", args.modes,
+                        "--json", theirs_path], check=True)
+        ours = {(r["workload"], r["mode"]): r for r in json.load(open(ours_path))}
+        theirs = {(r["workload"], r["mode"]): r for r in json.load(open(theirs_path))}
+    print(f"\n{'workload':<28} {'mode':<7} {'metagrad it/s':>14} {'pytorch it/s':>13} {'ours/pytorch':>13}")
+    for key, r in ours.items():
+        t = theirs.get(key)
+        if t:
+            ratio = r["meta_iterations_per_second"] / t["meta_iterations_per_second"]
+            print(f"{key[0]:<28} {key[1]:<7} {r['meta_iterations_per_second']:>14.3f} {t['meta_iterations_per_second']:>13.3f} {ratio:>13.2f}")
+
+
+if __name__ == "__main__":
+    main()
