@@ -385,40 +385,15 @@ where
 }
 
 /// K steps of conjugate gradient from 0 on (I + H/λ) x = b, H the Hessian of
-/// L_s at φ, applied by Hessian-vector products.
+/// L_s at φ, applied by Hessian-vector products: the block iteration of
+/// `batched` with one block. It stops early on convergence, and on
+/// non-positive curvature with the best solution so far rather than diverge.
 pub fn conjugate_gradient<Base, S>(support: &S, phi: &[Tensor<Base>], b: &[Tensor<Base>], lambda: f64, steps: usize) -> Vec<Tensor<Base>>
 where
     Base: Level<Base = Base>,
     S: Objective<Base>,
 {
-    let apply = |v: &[Tensor<Base>]| -> Vec<Tensor<Base>> {
-        let (_, _, hv) = hvp(support, phi, v);
-        axpy(v, 1.0 / lambda, &hv)
-    };
-    let mut x: Vec<Tensor<Base>> = b.iter().map(|t| t.mul_scalar(0.0)).collect();
-    let mut residual = b.to_vec();
-    let mut direction = b.to_vec();
-    let mut rs = dot_all(&residual, &residual);
-    let stop = rs * 1e-24;
-    for _ in 0..steps {
-        if rs <= stop || rs == 0.0 {
-            break;
-        }
-        let a_dir = apply(&direction);
-        let curvature = dot_all(&direction, &a_dir);
-        if curvature <= 0.0 {
-            // (I + H/λ) is not positive definite along this direction: stop
-            // with the best solution so far rather than diverge.
-            break;
-        }
-        let alpha = rs / curvature;
-        x = axpy(&x, alpha, &direction);
-        residual = axpy(&residual, -alpha, &a_dir);
-        let rs_next = dot_all(&residual, &residual);
-        direction = axpy(&residual, rs_next / rs, &direction);
-        rs = rs_next;
-    }
-    x
+    crate::batched::conjugate_gradient_tasks(support, phi, b, lambda, steps, 1)
 }
 
 /// iMAML: proximal adaptation, then conjugate gradient on (I + H/λ) g = ∇L_q(φ).
