@@ -524,6 +524,17 @@ fn data(which: DataCommand) -> Result<()> {
 
 const DEFAULT_CONFIG: &str = "configs/omniglot-5way-1shot.toml";
 
+/// The default config: configs/omniglot-5way-1shot.toml when it is there,
+/// else the copy built into the binary (so `metagrad train` works anywhere).
+fn default_config(overrides: &[String]) -> Result<Config> {
+    let path = std::path::Path::new(DEFAULT_CONFIG);
+    if path.is_file() {
+        Config::load(path, overrides)
+    } else {
+        Config::parse(include_str!("../configs/omniglot-5way-1shot.toml"), overrides, "the built-in omniglot-5way-1shot config")
+    }
+}
+
 fn backend_of(config: &Config) -> Result<Selection> {
     let kind = match config.run.backend.as_str() {
         "auto" => None,
@@ -538,7 +549,7 @@ fn train(args: TrainArgs) -> Result<()> {
         None => {
             let config = match fresh {
                 Some(c) => c,
-                None => Config::load(std::path::Path::new(DEFAULT_CONFIG), &args.set)?,
+                None => default_config(&args.set)?,
             };
             if checkpoint::pointer(&config.run_dir(), "latest").is_some() {
                 bail!(
@@ -552,7 +563,7 @@ fn train(args: TrainArgs) -> Result<()> {
         Some(arg) => {
             let reference = match &fresh {
                 Some(c) => c.clone(),
-                None => Config::load(std::path::Path::new(DEFAULT_CONFIG), &[]).unwrap_or_default(),
+                None => default_config(&[])?,
             };
             let root = PathBuf::from(&reference.checkpoint.dir);
             let dir = checkpoint::resolve((!arg.is_empty()).then_some(arg.as_str()), &root, &reference.run_dir())?;
@@ -627,6 +638,7 @@ fn eval(args: EvalArgs) -> Result<()> {
         checkpoint::resolve(Some(&args.checkpoint), &args.checkpoint_dir, &run)?
     };
     let mut saved = Checkpoint::read(&dir)?;
+    let step = saved.state.step;
     if let Some(data_dir) = &args.data_dir {
         saved.config.data.data_dir = data_dir.display().to_string();
     }
@@ -636,7 +648,7 @@ fn eval(args: EvalArgs) -> Result<()> {
     let config = saved.config.clone();
     let selection = args.backend.select()?;
     let inner_steps = args.inner_steps.unwrap_or(config.eval.inner_steps);
-    eprintln!("evaluating {} (step {}) on {} {} episodes, {inner_steps} inner steps, {}", dir.display(), saved.state.step, args.episodes, args.split, selection.describe());
+    eprintln!("evaluating {} (step {step}) on {} {} episodes, {inner_steps} inner steps, {}", dir.display(), args.episodes, args.split, selection.describe());
     let job = EvalJob { checkpoint: saved, split: args.split.clone(), episodes: args.episodes, inner_steps: args.inner_steps, seed: args.seed, progress: true };
     let summary = backend::dispatch(selection, job)?;
     println!(
@@ -653,7 +665,7 @@ fn eval(args: EvalArgs) -> Result<()> {
     let out = args.out.unwrap_or_else(|| dir.join(format!("eval-{}.json", args.split)));
     let record = serde_json::json!({
         "checkpoint": dir.display().to_string(),
-        "step": Checkpoint::read(&dir).map(|c| c.state.step).unwrap_or_default(),
+        "step": step,
         "dataset": config.data.dataset.name(),
         "split": args.split,
         "way": config.data.way,
