@@ -410,6 +410,13 @@ pub struct TrainRow {
     pub inner_steps: usize,
     pub meta_iterations_per_second: f64,
     pub seconds_per_meta_iteration: f64,
+    /// Mean seconds per meta-iteration spent waiting for episodes, in
+    /// hypergradients (forward, backward, Hessian-vector products), in the
+    /// Adam step, and in the rest (logging, the final checkpoint).
+    pub data_s: f64,
+    pub hypergradient_s: f64,
+    pub optimizer_s: f64,
+    pub other_s: f64,
 }
 
 /// Meta-iterations per second of the real training loop (sampler, every
@@ -453,10 +460,12 @@ pub fn train_bench(selection: crate::backend::Selection, steps: usize, modes: &[
                 splits: Some((split.clone(), None)),
                 task_batching: batched,
             };
-            crate::backend::dispatch(selection, job)?;
-            let metrics = crate::train::read_metrics(&config.run_dir().join("metrics.jsonl"))?;
+            let outcome = crate::backend::dispatch(selection, job)?;
             // The first meta-iteration is warm-up (kernel compilation, allocation).
-            let seconds = (metrics[steps].elapsed_s - metrics[0].elapsed_s) / steps as f64;
+            let timed = &outcome.timings[1..];
+            let mean = |f: fn(&crate::train::StepTiming) -> f64| timed.iter().map(f).sum::<f64>() / timed.len() as f64;
+            let (data_s, hypergradient_s, optimizer_s, other_s) = (mean(|t| t.data_s), mean(|t| t.hypergradient_s), mean(|t| t.optimizer_s), mean(|t| t.other_s));
+            let seconds = data_s + hypergradient_s + optimizer_s + other_s;
             let row = TrainRow {
                 workload: workload.to_string(),
                 backend: selection.kind.name().to_string(),
@@ -466,6 +475,10 @@ pub fn train_bench(selection: crate::backend::Selection, steps: usize, modes: &[
                 inner_steps: r,
                 meta_iterations_per_second: 1.0 / seconds,
                 seconds_per_meta_iteration: seconds,
+                data_s,
+                hypergradient_s,
+                optimizer_s,
+                other_s,
             };
             eprintln!("{workload} {mode}: {:.3} meta-iterations/s", row.meta_iterations_per_second);
             rows.push(row);
@@ -476,11 +489,26 @@ pub fn train_bench(selection: crate::backend::Selection, steps: usize, modes: &[
 }
 
 pub fn format_train_table(rows: &[TrainRow]) -> String {
-    let mut out = format!("{:<28} {:<8} {:<9} {:<8} {:>5} {:>3} {:>12} {:>10}\n", "workload", "backend", "mode", "batched", "tasks", "r", "meta-it/s", "s/meta-it");
+    let mut out = format!(
+        "{:<28} {:<8} {:<9} {:<8} {:>5} {:>3} {:>10} {:>10} {:>7} {:>7} {:>7} {:>7}\n",
+        "workload", "backend", "mode", "batched", "tasks", "r", "meta-it/s", "s/meta-it", "data", "hypgrad", "adam", "other"
+    );
     for r in rows {
+        let pct = |v: f64| format!("{:.1}%", 100.0 * v / r.seconds_per_meta_iteration);
         out.push_str(&format!(
-            "{:<28} {:<8} {:<9} {:<8} {:>5} {:>3} {:>12.3} {:>10.2}\n",
-            r.workload, r.backend, r.mode, r.batched, r.meta_batch, r.inner_steps, r.meta_iterations_per_second, r.seconds_per_meta_iteration
+            "{:<28} {:<8} {:<9} {:<8} {:>5} {:>3} {:>10.3} {:>10.2} {:>7} {:>7} {:>7} {:>7}\n",
+            r.workload,
+            r.backend,
+            r.mode,
+            r.batched,
+            r.meta_batch,
+            r.inner_steps,
+            r.meta_iterations_per_second,
+            r.seconds_per_meta_iteration,
+            pct(r.data_s),
+            pct(r.hypergradient_s),
+            pct(r.optimizer_s),
+            pct(r.other_s)
         ));
     }
     out

@@ -179,6 +179,19 @@ pub struct Outcome {
     pub interrupted: bool,
     pub latest: Option<PathBuf>,
     pub best: Option<(usize, f64)>,
+    /// Where each meta-iteration of this process spent its time.
+    pub timings: Vec<StepTiming>,
+}
+
+/// Seconds of one meta-iteration: waiting for episodes, hypergradients
+/// (every task's forward, backward and Hessian-vector products), the Adam
+/// step, and the rest (logging, validation, checkpoints).
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub struct StepTiming {
+    pub data_s: f64,
+    pub hypergradient_s: f64,
+    pub optimizer_s: f64,
+    pub other_s: f64,
 }
 
 pub struct TrainJob {
@@ -271,6 +284,7 @@ fn train<B: Level<Base = B>>(job: TrainJob, device: Device<B>, precision: Precis
     let total = config.train.meta_steps;
     let bar = progress_bar(total as u64, start_step as u64, progress, "{pos}/{len} {bar:30} {msg} {per_sec} ETA {eta}");
     let clock = Instant::now();
+    let mut timings = Vec::new();
     let mut latest = pointer(&run_dir, "latest");
     let mut step = start_step;
     let mut interrupted = false;
@@ -316,7 +330,9 @@ fn train<B: Level<Base = B>>(job: TrainJob, device: Device<B>, precision: Precis
         let warmup = step < config.train.first_order_warmup;
         let mut fo = Mode::Fomaml;
         let active = if warmup { &mut fo } else { &mut mode };
+        let step_start = Instant::now();
         let episodes: Vec<Episode> = (0..config.train.meta_batch).map(|_| sampler.next_episode()).collect();
+        let data_s = step_start.elapsed().as_secs_f64();
         let t = config.train.meta_batch as f64;
         let (mut grad, loss, accuracy, q_sum, exact) = if task_batching {
             let refs: Vec<&Episode> = episodes.iter().collect();
@@ -356,7 +372,11 @@ fn train<B: Level<Base = B>>(job: TrainJob, device: Device<B>, precision: Precis
         if config.train.grad_clip > 0.0 && norm > config.train.grad_clip {
             grad = grad.iter().map(|g| g.mul_scalar(config.train.grad_clip / norm)).collect();
         }
+        let hypergradient_s = step_start.elapsed().as_secs_f64() - data_s;
         theta = adam.step(&theta, &grad);
+        // Reading one value waits for the device, so the step is timed, not just queued.
+        let _ = theta[0].reshape(&[theta[0].num_elements()]).sum().item();
+        let optimizer_s = step_start.elapsed().as_secs_f64() - data_s - hypergradient_s;
         step += 1;
         episode_rng = sampler.rng_after_last().map(RngState::of);
         let is_ufo = matches!(active, Mode::Ufo(_));
@@ -400,13 +420,15 @@ fn train<B: Level<Base = B>>(job: TrainJob, device: Device<B>, precision: Precis
             saved_at = step;
             latest = Some(dir);
         }
+        let total_s = step_start.elapsed().as_secs_f64();
+        timings.push(StepTiming { data_s, hypergradient_s, optimizer_s, other_s: total_s - data_s - hypergradient_s - optimizer_s });
     }
     if interrupted && saved_at != step {
         let rng = episode_rng.clone().expect("an episode was drawn");
         latest = Some(save(step, &theta, &adam, &mode, &ufo_rng, &rng, &metrics, best)?);
     }
     bar.finish_and_clear();
-    Ok(Outcome { run_dir, step, interrupted, latest, best })
+    Ok(Outcome { run_dir, step, interrupted, latest, best, timings })
 }
 
 /// Few-shot accuracy of a checkpoint on held-out episodes.
