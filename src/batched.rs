@@ -11,8 +11,8 @@ use rand::Rng;
 
 use crate::diff::{Objective, hvp, value_and_grad};
 use crate::episode::{Episode, LabelledImages};
-use crate::hypergrad::{Hypergradient, InnerLoop, Mode, QRule, adapt, axpy, maml, maml_unrolled, proximal_adapt, sgd_step};
-use crate::model::Conv4;
+use crate::hypergrad::{Hypergradient, InnerLoop, Mode, QRule, adapt, axpy, fomaml, maml, maml_unrolled, proximal_adapt, sweep, task_hypergradient};
+use crate::model::{Conv4, accuracy_of_rows};
 use crate::tensor::{Level, Precision, Tensor, one_hot};
 
 /// The images of T tasks arranged for `Conv4::forward_stacked`.
@@ -119,41 +119,35 @@ pub fn scale_tasks<B: Level>(stacked: &[Tensor<B>], weights: &[f64]) -> Vec<Tens
     stacked.iter().map(|p| rows(p, tasks).mul(&w).reshape(&p.dims())).collect()
 }
 
-/// The blocks of `chosen` tasks (in order), as a stacked list for chosen.len() tasks.
-fn select_tasks<B: Level>(stacked: &[Tensor<B>], tasks: usize, chosen: &[usize]) -> Vec<Tensor<B>> {
-    // A 0/1 matrix product picks rows exactly (products by 1, sums with 0).
+/// Blocks moved between stacked lists: block `to` of the result (of
+/// `to_tasks`) is block `from` of `stacked` (of `from_tasks`) for each pair,
+/// zeros elsewhere. A 0/1 matrix product moves them exactly (products by 1,
+/// sums with 0).
+fn move_tasks<B: Level>(stacked: &[Tensor<B>], from_tasks: usize, to_tasks: usize, pairs: impl Iterator<Item = (usize, usize)>) -> Vec<Tensor<B>> {
     let first = &stacked[0];
-    let mut pick = vec![0.0; chosen.len() * tasks];
-    for (i, &t) in chosen.iter().enumerate() {
-        pick[i * tasks + t] = 1.0;
+    let mut matrix = vec![0.0; to_tasks * from_tasks];
+    for (to, from) in pairs {
+        matrix[to * from_tasks + from] = 1.0;
     }
-    let pick = Tensor::<B>::from_f64(&pick, &[chosen.len(), tasks], first.precision(), &first.device());
+    let matrix = Tensor::<B>::from_f64(&matrix, &[to_tasks, from_tasks], first.precision(), &first.device());
     stacked
         .iter()
         .map(|p| {
             let mut dims = p.dims();
-            dims[0] = dims[0] / tasks * chosen.len();
-            pick.matmul(&rows(p, tasks)).reshape(&dims)
+            dims[0] = dims[0] / from_tasks * to_tasks;
+            matrix.matmul(&rows(p, from_tasks)).reshape(&dims)
         })
         .collect()
 }
 
+/// The blocks of the `chosen` tasks, in order.
+fn select_tasks<B: Level>(stacked: &[Tensor<B>], tasks: usize, chosen: &[usize]) -> Vec<Tensor<B>> {
+    move_tasks(stacked, tasks, chosen.len(), chosen.iter().copied().enumerate())
+}
+
 /// The inverse of `select_tasks`: chosen blocks placed at their tasks, zeros elsewhere.
 fn place_tasks<B: Level>(selected: &[Tensor<B>], tasks: usize, chosen: &[usize]) -> Vec<Tensor<B>> {
-    let first = &selected[0];
-    let mut place = vec![0.0; tasks * chosen.len()];
-    for (i, &t) in chosen.iter().enumerate() {
-        place[t * chosen.len() + i] = 1.0;
-    }
-    let place = Tensor::<B>::from_f64(&place, &[tasks, chosen.len()], first.precision(), &first.device());
-    selected
-        .iter()
-        .map(|p| {
-            let mut dims = p.dims();
-            dims[0] = dims[0] / chosen.len() * tasks;
-            place.matmul(&rows(p, chosen.len())).reshape(&dims)
-        })
-        .collect()
+    move_tasks(selected, chosen.len(), tasks, chosen.iter().enumerate().map(|(i, &t)| (t, i)))
 }
 
 /// CG on (I + H/λ) x = b for every task at once, with each task's own step
@@ -213,26 +207,48 @@ pub struct BatchHypergradient<Base: Level> {
 
 /// Per-task query loss and accuracy at stacked adapted parameters.
 fn per_task_scores<Base: Level>(model: &Conv4, adapted: &[Tensor<Base>], query: &StackedBatch<Base>) -> (Vec<f64>, Vec<f64>) {
-    let logits = model.forward_stacked(adapted, &query.images, query.tasks).to_vec();
-    let way = model.way;
-    let mut losses = Vec::new();
-    let mut accuracies = Vec::new();
-    let mut row = 0;
-    for labels in &query.labels {
-        let (mut loss, mut correct) = (0.0, 0usize);
-        for &label in labels {
-            let r = &logits[row * way..(row + 1) * way];
-            let max = r.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-            let log_norm = r.iter().map(|v| (v - max).exp()).sum::<f64>().ln();
-            loss -= r[label] - max - log_norm;
-            let best = (0..way).max_by(|&a, &b| r[a].total_cmp(&r[b])).unwrap_or(0);
-            correct += usize::from(best == label);
-            row += 1;
-        }
-        losses.push(loss / labels.len() as f64);
-        accuracies.push(correct as f64 / labels.len() as f64);
-    }
+    let logits = model.forward_stacked(adapted, &query.images, query.tasks);
+    let n = query.labels[0].len();
+    // Σ over each task's rows of the log-probability of the label.
+    let picked = logits.log_softmax().mul(&query.one_hot).reshape(&[query.tasks, n * model.way]).sum_dim(1).to_vec();
+    let values = logits.to_vec();
+    let rows = n * model.way;
+    let losses = picked.iter().map(|p| -p / n as f64).collect();
+    let accuracies = query.labels.iter().enumerate().map(|(t, labels)| accuracy_of_rows(&values[t * rows..(t + 1) * rows], model.way, labels)).collect();
     (losses, accuracies)
+}
+
+/// The same as `batched_hypergradient`, one network per task: faster on
+/// Flex, whose grouped convolution is slower than separate ones. `q` is the
+/// mean of the tasks' q (an adaptive q may change after each exact task).
+#[allow(clippy::too_many_arguments)]
+pub fn task_by_task_hypergradient<Base: Level<Base = Base>>(
+    mode: &mut Mode,
+    model: &Conv4,
+    episodes: &[&Episode],
+    theta: &[Tensor<Base>],
+    inner: &InnerLoop,
+    precision: Precision,
+    device: &Device<Base>,
+    rng: &mut impl Rng,
+) -> BatchHypergradient<Base> {
+    let tasks = episodes.len() as f64;
+    let (mut sum, mut query_losses, mut query_accuracies, mut qs, mut exact) = (None::<Vec<Tensor<Base>>>, vec![], vec![], vec![], vec![]);
+    for episode in episodes {
+        let r = task_hypergradient(mode, model, &episode.to_task::<Base>(precision, device), theta, inner, rng);
+        let h = r.hypergradient;
+        query_losses.push(h.query_loss);
+        query_accuracies.push(r.query_accuracy);
+        qs.extend(h.q);
+        exact.extend(h.exact_branch);
+        sum = Some(match sum {
+            None => h.grad,
+            Some(s) => axpy(&s, 1.0, &h.grad),
+        });
+    }
+    let grad = sum.expect("at least one task").iter().map(|g| g.mul_scalar(1.0 / tasks)).collect();
+    let q = (!qs.is_empty()).then(|| qs.iter().sum::<f64>() / qs.len() as f64);
+    BatchHypergradient { grad, query_losses, query_accuracies, q, exact }
 }
 
 /// Every task's hypergradient under `mode`, averaged, in one stacked
@@ -264,9 +280,8 @@ pub fn batched_hypergradient<Base: Level<Base = Base>>(
             (h.grad, h.adapted, None, vec![])
         }
         Mode::Fomaml => {
-            let phi = adapt(&support, &phi0, inner).pop().expect("φ_r");
-            let (_, g) = value_and_grad(&query, &phi);
-            (g, phi, None, vec![])
+            let h = fomaml(&support, &query, &phi0, inner);
+            (h.grad, h.adapted, None, vec![])
         }
         Mode::Implicit { lambda, cg_steps } => {
             let phi = proximal_adapt(&support, &phi0, inner, *lambda);
@@ -286,13 +301,10 @@ pub fn batched_hypergradient<Base: Level<Base = Base>>(
                 let sub_episodes: Vec<&Episode> = chosen.iter().map(|&t| episodes[t]).collect();
                 let sub = TaskBatch::new(&sub_episodes, precision, device);
                 let sub_support = StackedLoss { model, batch: &sub.support };
-                // The sweep v ← v − αH_j v over the chosen tasks' stored iterates.
-                let mut v = select_tasks(&g_fo, tasks, &chosen);
-                for phi_j in iterates.iter().rev() {
-                    let (_, _, hv) = hvp(&sub_support, &select_tasks(phi_j, tasks, &chosen), &v);
-                    v = sgd_step(&v, &hv, inner.lr);
-                }
+                // MAML's sweep over the chosen tasks' stored iterates, from their g_fo.
                 let g_fo_chosen = select_tasks(&g_fo, tasks, &chosen);
+                let chosen_iterates: Vec<Vec<Tensor<Base>>> = iterates.iter().map(|phi_j| select_tasks(phi_j, tasks, &chosen)).collect();
+                let v = sweep(&sub_support, &chosen_iterates, g_fo_chosen.clone(), inner.lr);
                 let correction: Vec<Tensor<Base>> = v.iter().zip(&g_fo_chosen).map(|(m, f)| m.sub(f)).collect();
                 if let QRule::Adaptive(state) = rule {
                     let d2 = task_dots(&correction, &correction, chosen.len());
@@ -301,7 +313,7 @@ pub fn batched_hypergradient<Base: Level<Base = Base>>(
                         state.observe(*d, *m);
                     }
                 }
-                let weighted = scale_tasks(&correction, &vec![1.0 / q; chosen.len()]);
+                let weighted: Vec<Tensor<Base>> = correction.iter().map(|c| c.mul_scalar(1.0 / q)).collect();
                 axpy(&g_fo, 1.0, &place_tasks(&weighted, tasks, &chosen))
             };
             (grad, phi, Some(q), exact)

@@ -118,7 +118,12 @@ impl DatasetSpec {
     pub fn info(&self) -> Result<String> {
         let mut out = String::new();
         match self.kind {
-            DatasetKind::Synthetic => out.push_str(&format!("synthetic (embedded, seed {}): procedural glyphs, 1×28×28\n", self.seed)),
+            DatasetKind::Synthetic => {
+                out.push_str(&format!("synthetic (embedded, seed {}): procedural glyphs, 1×28×28\n", self.seed));
+                for which in self.split_names() {
+                    out.push_str(&split_line(which, &self.load_split(which)?));
+                }
+            }
             DatasetKind::Omniglot => {
                 check_dir(&self.data_dir, self.kind)?;
                 let characters = omniglot::load_characters(&self.data_dir, &self.cache_dir, self.image_size)?;
@@ -137,26 +142,29 @@ impl DatasetSpec {
                     count(false).count()
                 ));
                 out.push_str(&format!("  split scheme {}, rotations {}:\n", self.split_scheme, if self.rotations { "on (4 classes per character)" } else { "off" }));
+                // Split the characters loaded above rather than reading the cache once per split.
+                for which in self.split_names() {
+                    out.push_str(&split_line(which, &omniglot::split(&characters, &self.split_scheme, which, self.seed, self.rotations)?));
+                }
             }
             DatasetKind::MiniImagenet => {
                 check_dir(&self.data_dir, self.kind)?;
                 out.push_str(&format!("mini-imagenet at {}:\n", self.data_dir.display()));
-                let images = self.data_dir.join("images");
                 for which in mini_imagenet::SPLITS {
-                    let classes = mini_imagenet::read_csv(&self.data_dir, which)?;
-                    let listed: usize = classes.iter().map(|(_, f)| f.len()).sum();
-                    let present = classes.iter().flat_map(|(_, f)| f).filter(|f| images.join(f).is_file()).count();
-                    out.push_str(&format!("  {which:5}: {} classes, {listed} images listed, {present} present in {}\n", classes.len(), images.display()));
+                    let (classes, listed, present) = mini_imagenet::image_counts(&self.data_dir, which)?;
+                    out.push_str(&format!(
+                        "  {which:5}: {classes} classes, {listed} images listed, {present} present in {}\n",
+                        self.data_dir.join("images").display()
+                    ));
                 }
-                return Ok(out);
             }
-        }
-        for which in self.split_names() {
-            let split = self.load_split(which)?;
-            out.push_str(&format!("  {which:5}: {} classes, {} images\n", split.classes.len(), split.image_count()));
         }
         Ok(out)
     }
+}
+
+fn split_line(which: &str, split: &Split) -> String {
+    format!("  {which:5}: {} classes, {} images\n", split.classes.len(), split.image_count())
 }
 
 fn check_dir(dir: &Path, kind: DatasetKind) -> Result<()> {

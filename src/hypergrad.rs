@@ -225,7 +225,7 @@ where
 }
 
 /// The sweep v ← v − α H_j v for j = r−1..0 over stored iterates φ_0..φ_{r−1}.
-fn sweep<Base, S>(support: &S, iterates: &[Vec<Tensor<Base>>], mut v: Vec<Tensor<Base>>, lr: f64) -> Vec<Tensor<Base>>
+pub(crate) fn sweep<Base, S>(support: &S, iterates: &[Vec<Tensor<Base>>], mut v: Vec<Tensor<Base>>, lr: f64) -> Vec<Tensor<Base>>
 where
     Base: Level<Base = Base>,
     S: Objective<Base>,

@@ -142,19 +142,25 @@ pub fn load_split(root: &Path, cache_dir: &Path, which: &str, image_size: usize)
     })
 }
 
+/// Classes, images listed and images present in root/images for one split file.
+pub fn image_counts(root: &Path, which: &str) -> Result<(usize, usize, usize)> {
+    let classes = read_csv(root, which)?;
+    let images = root.join("images");
+    let listed = classes.iter().map(|(_, f)| f.len()).sum();
+    let present = classes.iter().flat_map(|(_, f)| f).filter(|f| images.join(f).is_file()).count();
+    Ok((classes.len(), listed, present))
+}
+
 /// What `root` still lacks, in words; empty when every split file and image is there.
 pub fn missing_files(root: &Path) -> String {
     let mut missing = Vec::new();
-    let images = root.join("images");
     for which in SPLITS {
-        match read_csv(root, which) {
+        match image_counts(root, which) {
             Err(_) => missing.push(format!("{which}.csv")),
-            Ok(classes) => {
-                let absent = classes.iter().flat_map(|(_, f)| f).filter(|f| !images.join(f).is_file()).count();
-                if absent > 0 {
-                    missing.push(format!("{absent} images of {which}.csv in {}", images.display()));
-                }
+            Ok((_, listed, present)) if present < listed => {
+                missing.push(format!("{} images of {which}.csv in {}", listed - present, root.join("images").display()))
             }
+            Ok(_) => {}
         }
     }
     missing.join(", ")

@@ -106,11 +106,19 @@ impl Conv4 {
 
     /// Logits [N, way] for images [N, C, H, W].
     pub fn forward<B: Level>(&self, params: &[Tensor<B>], x: &Tensor<B>) -> Tensor<B> {
-        let expected = [self.in_channels, self.image_size, self.image_size];
+        let h = self.trunk(params, x, 1);
+        let features = h.reshape(&[x.dims()[0], self.features()]);
+        linear(&features, &params[4 * BLOCKS], &params[4 * BLOCKS + 1])
+    }
+
+    /// The four conv blocks of `tasks` networks side by side (groups = tasks),
+    /// after checking the input and the parameter count.
+    fn trunk<B: Level>(&self, params: &[Tensor<B>], x: &Tensor<B>, tasks: usize) -> Tensor<B> {
+        let expected = [tasks * self.in_channels, self.image_size, self.image_size];
         let dims = x.dims();
         assert!(
             dims.len() == 4 && dims[1..] == expected,
-            "Conv-4 forward: images of shape {dims:?} do not match the model's input [N, {}, {}, {}]",
+            "Conv-4 forward: images of shape {dims:?} do not match the input [N, {}, {}, {}] of {tasks} network(s)",
             expected[0],
             expected[1],
             expected[2]
@@ -119,11 +127,9 @@ impl Conv4 {
         let mut h = x.clone();
         for block in params[..4 * BLOCKS].chunks(4) {
             let [w, b, gamma, beta] = block else { unreachable!() };
-            h = batch_norm(&h.conv2d(w, b, 1, 1), gamma, beta).relu().max_pool2x2();
+            h = batch_norm(&h.conv2d(w, b, 1, tasks), gamma, beta).relu().max_pool2x2();
         }
-        let n = dims[0];
-        let features = h.reshape(&[n, self.features()]);
-        linear(&features, &params[4 * BLOCKS], &params[4 * BLOCKS + 1])
+        h
     }
 }
 
@@ -134,21 +140,8 @@ impl Conv4 {
     /// with groups = T keep the tasks apart, batch norm's per-channel
     /// statistics are then per task, and the heads are one batched matmul.
     pub fn forward_stacked<B: Level>(&self, params: &[Tensor<B>], x: &Tensor<B>, tasks: usize) -> Tensor<B> {
-        let dims = x.dims();
-        let expected = [tasks * self.in_channels, self.image_size, self.image_size];
-        assert!(
-            dims.len() == 4 && dims[1..] == expected,
-            "Conv-4 stacked forward: images of shape {dims:?} do not match [n, {}, {}, {}] for {tasks} tasks",
-            expected[0],
-            expected[1],
-            expected[2]
-        );
-        let mut h = x.clone();
-        for block in params[..4 * BLOCKS].chunks(4) {
-            let [w, b, gamma, beta] = block else { unreachable!() };
-            h = batch_norm(&h.conv2d(w, b, 1, tasks), gamma, beta).relu().max_pool2x2();
-        }
-        let n = dims[0];
+        let h = self.trunk(params, x, tasks);
+        let n = x.dims()[0];
         let features = h.reshape(&[n, tasks, self.features()]).swap_dims(0, 1);
         let weight = params[4 * BLOCKS].reshape(&[tasks, self.way, self.features()]).transpose();
         let bias = params[4 * BLOCKS + 1].reshape(&[tasks, 1, self.way]);
@@ -213,14 +206,17 @@ impl<Base: Level<Base = Base>> Objective<Base> for BatchLoss<'_, Base> {
 
 /// Fraction of rows whose largest logit is at the label.
 pub fn accuracy<B: Level>(logits: &Tensor<B>, labels: &[usize]) -> f64 {
-    let dims = logits.dims();
-    let values = logits.to_vec();
+    accuracy_of_rows(&logits.to_vec(), logits.dims()[1], labels)
+}
+
+/// `accuracy` on host logits: row-major rows of `classes` values, one per label.
+pub fn accuracy_of_rows(values: &[f64], classes: usize, labels: &[usize]) -> f64 {
     let correct = labels
         .iter()
         .enumerate()
         .filter(|&(row, &label)| {
-            let r = &values[row * dims[1]..(row + 1) * dims[1]];
-            let best = (0..dims[1]).max_by(|&a, &b| r[a].total_cmp(&r[b])).unwrap_or(0);
+            let r = &values[row * classes..(row + 1) * classes];
+            let best = (0..classes).max_by(|&a, &b| r[a].total_cmp(&r[b])).unwrap_or(0);
             best == label
         })
         .count();

@@ -21,13 +21,13 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::backend::OnBackend;
-use crate::batched::batched_hypergradient;
+use crate::batched::{batched_hypergradient, task_by_task_hypergradient};
 use crate::episode::Episode;
 use crate::checkpoint::{Checkpoint, FORMAT, RngState, TrainState, pointer, prune, set_pointer, step_name};
 use crate::config::Config;
 use crate::data::{BackgroundSampler, EpisodeSampler, EpisodeShape, Split};
 use crate::diff::{Objective, norm_all};
-use crate::hypergrad::{InnerLoop, Mode, adapt, adapted_accuracy, axpy, proximal_adapt, task_hypergradient};
+use crate::hypergrad::{InnerLoop, Mode, adapt, adapted_accuracy, proximal_adapt};
 use crate::model::{BatchLoss, Conv4};
 use crate::store::{HostTensor, check_params, params_to_host};
 use crate::tensor::{Level, Precision, Tensor};
@@ -333,31 +333,12 @@ fn train<B: Level<Base = B>>(job: TrainJob, device: Device<B>, precision: Precis
         let step_start = Instant::now();
         let episodes: Vec<Episode> = (0..config.train.meta_batch).map(|_| sampler.next_episode()).collect();
         let data_s = step_start.elapsed().as_secs_f64();
+        let refs: Vec<&Episode> = episodes.iter().collect();
+        let meta_batch = if task_batching { batched_hypergradient } else { task_by_task_hypergradient };
+        let r = meta_batch(active, &model, &refs, &theta, &inner, precision, &device, &mut ufo_rng);
         let t = config.train.meta_batch as f64;
-        let (mut grad, loss, accuracy, q_sum, exact) = if task_batching {
-            let refs: Vec<&Episode> = episodes.iter().collect();
-            let r = batched_hypergradient(active, &model, &refs, &theta, &inner, precision, &device, &mut ufo_rng);
-            let q_sum = r.q.unwrap_or(0.0) * t;
-            (r.grad, r.query_losses.iter().sum::<f64>(), r.query_accuracies.iter().sum::<f64>(), q_sum, r.exact.iter().filter(|&&e| e).count())
-        } else {
-            let (mut sum, mut loss, mut accuracy, mut q_sum, mut exact) = (None::<Vec<Tensor<B>>>, 0.0, 0.0, 0.0, 0usize);
-            for episode in &episodes {
-                let task = episode.to_task::<B>(precision, &device);
-                let r = task_hypergradient(active, &model, &task, &theta, &inner, &mut ufo_rng);
-                let h = r.hypergradient;
-                loss += h.query_loss;
-                accuracy += r.query_accuracy;
-                q_sum += h.q.unwrap_or(0.0);
-                exact += usize::from(h.exact_branch == Some(true));
-                sum = Some(match sum {
-                    None => h.grad,
-                    Some(s) => axpy(&s, 1.0, &h.grad),
-                });
-            }
-            let grad: Vec<Tensor<B>> = sum.expect("meta_batch ≥ 1").iter().map(|g| g.mul_scalar(1.0 / t)).collect();
-            (grad, loss, accuracy, q_sum, exact)
-        };
-        let (loss, accuracy) = (loss / t, accuracy / t);
+        let mut grad = r.grad;
+        let (loss, accuracy) = (r.query_losses.iter().sum::<f64>() / t, r.query_accuracies.iter().sum::<f64>() / t);
         let norm = norm_all(&grad);
         if !loss.is_finite() || !norm.is_finite() {
             bar.abandon();
@@ -375,7 +356,7 @@ fn train<B: Level<Base = B>>(job: TrainJob, device: Device<B>, precision: Precis
         let hypergradient_s = step_start.elapsed().as_secs_f64() - data_s;
         theta = adam.step(&theta, &grad);
         // Reading one value waits for the device, so the step is timed, not just queued.
-        let _ = theta[0].reshape(&[theta[0].num_elements()]).sum().item();
+        let _ = theta[0].sum().item();
         let optimizer_s = step_start.elapsed().as_secs_f64() - data_s - hypergradient_s;
         step += 1;
         episode_rng = sampler.rng_after_last().map(RngState::of);
@@ -386,8 +367,8 @@ fn train<B: Level<Base = B>>(job: TrainJob, device: Device<B>, precision: Precis
             loss,
             accuracy,
             ci95: None,
-            q: is_ufo.then_some(q_sum / t),
-            exact_fraction: is_ufo.then_some(exact as f64 / t),
+            q: r.q,
+            exact_fraction: is_ufo.then(|| r.exact.iter().filter(|&&e| e).count() as f64 / t),
             elapsed_s: elapsed_before + clock.elapsed().as_secs_f64(),
         };
         let mut lines = vec![line];

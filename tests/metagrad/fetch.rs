@@ -97,16 +97,23 @@ fn temp(name: &str) -> PathBuf {
     crate::common::fresh_dir(&format!("fetch-{name}"))
 }
 
+/// A server for `name`'s test with `behaviour`, and an empty folder to fetch
+/// into: (the files served, their checksums, the URL, the request counter, the folder).
+type Served = (BTreeMap<String, Vec<u8>>, BTreeMap<String, String>, String, Arc<AtomicUsize>, PathBuf);
+
+fn served(name: &str, behaviour: Behaviour) -> Served {
+    let (files, checksums) = archives(&temp(&format!("fixtures-{name}")));
+    let (url, requests) = serve(files.clone(), behaviour);
+    (files, checksums, url, requests, temp(name))
+}
+
 fn source(url: &str, checksums: &BTreeMap<String, String>) -> Source {
     Source { url: url.to_string(), from: None, checksums: checksums.clone(), progress: false }
 }
 
 #[test]
 fn download_succeeds_and_verifies() {
-    let fixtures = temp("fixtures-ok");
-    let (files, checksums) = archives(&fixtures);
-    let (url, _) = serve(files.clone(), Behaviour::Good);
-    let dir = temp("ok");
+    let (files, checksums, url, _, dir) = served("ok", Behaviour::Good);
     let report = fetch_all(&dir, &OMNIGLOT_FILES, &source(&url, &checksums), "by hand").unwrap();
     assert!(report.iter().all(|l| l.contains("downloaded, SHA-256 verified")), "{report:?}");
     for (name, bytes) in &files {
@@ -125,10 +132,7 @@ fn download_succeeds_and_verifies() {
 
 #[test]
 fn a_wrong_checksum_leaves_no_file() {
-    let fixtures = temp("fixtures-bad");
-    let (files, checksums) = archives(&fixtures);
-    let (url, _) = serve(files, Behaviour::Corrupt);
-    let dir = temp("bad");
+    let (_, checksums, url, _, dir) = served("bad", Behaviour::Corrupt);
     let e = format!("{:#}", fetch_all(&dir, &OMNIGLOT_FILES, &source(&url, &checksums), "by hand").unwrap_err());
     assert!(e.contains("SHA-256 is") && e.contains("images_background.zip") && e.contains("run the command again"), "{e}");
     assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0, "neither the final name nor a .part remains");
@@ -153,10 +157,7 @@ fn an_unreachable_server_fails_fast_with_manual_instructions() {
 
 #[test]
 fn a_truncated_transfer_resumes() {
-    let fixtures = temp("fixtures-cut");
-    let (files, checksums) = archives(&fixtures);
-    let (url, requests) = serve(files.clone(), Behaviour::TruncateFirst);
-    let dir = temp("cut");
+    let (files, checksums, url, requests, dir) = served("cut", Behaviour::TruncateFirst);
     let e = format!("{:#}", fetch_all(&dir, &OMNIGLOT_FILES, &source(&url, &checksums), "by hand").unwrap_err());
     assert!(e.contains("stopped after") && e.contains("run the same command again to resume"), "{e}");
     let name = OMNIGLOT_FILES[0].file;
