@@ -3,10 +3,12 @@
 hypergradient on identical inputs (`metagrad init`, `metagrad export-episode`,
 `metagrad hypergrad`, then the same in PyTorch, float64), then runs `metagrad
 bench train` and benches/pytorch_train.py on the same workloads and prints
-the ratio of meta-iterations per second (>1: metagrad is faster).
+the ratio of meta-iterations per second (>1: metagrad is faster) and each
+one's peak memory above the start of the case.
 
     pip install torch numpy safetensors
     python3 benches/compare_train.py --metagrad target/release/metagrad [--backend cpu] [--device cpu]
+    python3 benches/compare_train.py --metagrad target/release/metagrad --modes maml --workloads omniglot-5w1s --inner-steps 1,5,10
 """
 import argparse
 import json
@@ -63,25 +65,32 @@ def main():
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--modes", default="maml,fomaml")
+    ap.add_argument("--workloads", default="", help="omniglot-5w1s, omniglot-20w1s, mini-imagenet-5w1s (default: all)")
+    ap.add_argument("--inner-steps", default="", help="comma-separated r grid (default: each workload's own)")
     args = ap.parse_args()
+    selection = (["--workloads", args.workloads] if args.workloads else []) + (["--inner-steps", args.inner_steps] if args.inner_steps else [])
     with tempfile.TemporaryDirectory() as tmp:
         worst = check_hypergradients(args.metagrad, tmp, args.backend)
         if worst > 1e-4:
             sys.exit(f"the hypergradients differ (relative {worst:.2e}): the timings below would not compare like with like")
         ours_path, theirs_path = os.path.join(tmp, "ours.json"), os.path.join(tmp, "torch.json")
         subprocess.run([args.metagrad, "bench", "train", "--backend", args.backend, "--steps", str(args.steps),
-                        "--modes", args.modes, "--json", ours_path], check=True)
+                        "--modes", args.modes, "--json", ours_path] + selection, check=True)
         subprocess.run([sys.executable, os.path.join(here, "pytorch_train.py"), "--device", args.device,
                         "--threads", str(args.threads), "--steps", str(args.steps), "--modes", args.modes,
-                        "--json", theirs_path], check=True)
-        ours = {(r["workload"], r["mode"]): r for r in json.load(open(ours_path))}
-        theirs = {(r["workload"], r["mode"]): r for r in json.load(open(theirs_path))}
-    print(f"\n{'workload':<28} {'mode':<7} {'metagrad it/s':>14} {'pytorch it/s':>13} {'ours/pytorch':>13}")
-    for key, r in ours.items():
-        t = theirs.get(key)
+                        "--json", theirs_path] + selection, check=True)
+        key = lambda r: (r["workload"], r["mode"], r["inner_steps"])  # noqa: E731
+        ours = {key(r): r for r in json.load(open(ours_path))}
+        theirs = {key(r): r for r in json.load(open(theirs_path))}
+    print(f"\n{'workload':<28} {'mode':<7} {'r':>3} {'metagrad it/s':>14} {'pytorch it/s':>13} {'ours/pytorch':>13}"
+          f" {'metagrad MiB':>13} {'pytorch MiB':>12}")
+    mib = lambda v: "n/a" if v is None else f"{v:.0f}"  # noqa: E731
+    for k, r in ours.items():
+        t = theirs.get(k)
         if t:
             ratio = r["meta_iterations_per_second"] / t["meta_iterations_per_second"]
-            print(f"{key[0]:<28} {key[1]:<7} {r['meta_iterations_per_second']:>14.3f} {t['meta_iterations_per_second']:>13.3f} {ratio:>13.2f}")
+            print(f"{k[0]:<28} {k[1]:<7} {k[2]:>3} {r['meta_iterations_per_second']:>14.3f} {t['meta_iterations_per_second']:>13.3f}"
+                  f" {ratio:>13.2f} {mib(r.get('peak_memory_mib')):>13} {mib(t.get('peak_memory_mib')):>12}")
 
 
 if __name__ == "__main__":

@@ -3,15 +3,18 @@
 (shapes, meta-batch, inner steps, step sizes) and modes, trained with plain
 autograd the way learn2learn and higher do it: MAML by unrolling the inner
 loop with create_graph=True, FO-MAML without it, Adam (eps 1e-8) on the
-initialisation. Random images; reports meta-iterations per second and peak
-memory.
+initialisation. Random images; reports meta-iterations per second and the
+peak memory of each case above its start (on the CPU the process high-water
+mark, VmHWM, reset before each case as metagrad does; on CUDA the caching
+allocator's peak).
 
     pip install torch numpy safetensors
     python3 benches/pytorch_train.py --device cpu --threads 2 --json torch-train.json
+    python3 benches/pytorch_train.py --workloads omniglot-5w1s --modes maml --inner-steps 1,5,10
 """
 import argparse
+import gc
 import json
-import resource
 import statistics
 import time
 
@@ -20,12 +23,38 @@ import torch.nn.functional as F
 
 from pytorch_autodiff import conv4_params, loss_fn
 
-# (name, channels in, image size, conv width, features, way, queries, meta-batch, inner steps, inner lr)
+# (key, name, channels in, image size, conv width, features, way, queries, meta-batch, inner steps, inner lr)
 WORKLOADS = [
-    ("omniglot 5-way 1-shot", 1, 28, 64, 64, 5, 15, 32, 1, 0.4),
-    ("omniglot 20-way 1-shot", 1, 28, 64, 64, 20, 5, 16, 5, 0.1),
-    ("mini-imagenet 5-way 1-shot", 3, 84, 32, 800, 5, 15, 4, 5, 0.01),
+    ("omniglot-5w1s", "omniglot 5-way 1-shot", 1, 28, 64, 64, 5, 15, 32, 1, 0.4),
+    ("omniglot-20w1s", "omniglot 20-way 1-shot", 1, 28, 64, 64, 20, 5, 16, 5, 0.1),
+    ("mini-imagenet-5w1s", "mini-imagenet 5-way 1-shot", 3, 84, 32, 800, 5, 15, 4, 5, 0.01),
 ]
+
+
+def proc_status_kib(field):
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(field):
+                return float(line.split()[1])
+    return None
+
+
+def start_memory(dev):
+    """Baseline for a case's peak: CUDA's allocator, or the process RSS with VmHWM reset."""
+    gc.collect()
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated() / 2**20
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")
+    return proc_status_kib("VmRSS:") / 1024
+
+
+def peak_memory(dev, baseline):
+    if dev.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20 - baseline
+    return proc_status_kib("VmHWM:") / 1024 - baseline
 
 
 def adapt(params, xs, ys, steps, lr, second_order):
@@ -57,37 +86,44 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--modes", default="maml,fomaml")
+    ap.add_argument("--workloads", default="", help="comma-separated keys (default: all)")
+    ap.add_argument("--inner-steps", default="", help="comma-separated r grid (default: each workload's own)")
     ap.add_argument("--json")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     dev = torch.device(args.device)
     gen = torch.Generator().manual_seed(0)
     rows = []
-    for name, c, s, ch, feat, way, nq, batch, steps, lr in WORKLOADS:
+    chosen = [k for k in args.workloads.split(",") if k]
+    grid = [int(r) for r in args.inner_steps.split(",") if r]
+    for key, name, c, s, ch, feat, way, nq, batch, own_steps, lr in WORKLOADS:
+        if chosen and key not in chosen:
+            continue
         for mode in args.modes.split(","):
-            params = [p.detach().to(dev).requires_grad_() for p in conv4_params(c, ch, feat, way, gen)]
-            opt = torch.optim.Adam(params, lr=1e-3, eps=1e-8)
-            tasks = [(torch.rand(way, c, s, s, generator=gen).to(dev), torch.arange(way).to(dev),
-                      torch.rand(way * nq, c, s, s, generator=gen).to(dev), (torch.arange(way * nq) % way).to(dev))
-                     for _ in range(batch)]
-            if dev.type == "cuda":
-                torch.cuda.reset_peak_memory_stats()
-            times = []
-            for i in range(args.steps + 1):
-                start = time.perf_counter()
-                meta_iteration(params, opt, tasks, steps, lr, mode == "maml")
-                if dev.type == "cuda":
-                    torch.cuda.synchronize()
-                if i > 0:  # the first iteration is warm-up
-                    times.append(time.perf_counter() - start)
-            seconds = statistics.median(times)
-            peak = (torch.cuda.max_memory_allocated() / 2**20 if dev.type == "cuda"
-                    else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-            rows.append({"workload": name, "mode": mode, "meta_batch": batch, "inner_steps": steps,
-                         "backend": f"pytorch {torch.__version__} {args.device}",
-                         "meta_iterations_per_second": 1 / seconds, "seconds_per_meta_iteration": seconds,
-                         "peak_mib": peak})
-            print(f"{name:<28} {mode:<7} {1 / seconds:>8.3f} meta-it/s  {seconds:>8.2f} s  peak {peak:>8.0f} MiB", flush=True)
+            for steps in grid or [own_steps]:
+                params = [p.detach().to(dev).requires_grad_() for p in conv4_params(c, ch, feat, way, gen)]
+                opt = torch.optim.Adam(params, lr=1e-3, eps=1e-8)
+                tasks = [(torch.rand(way, c, s, s, generator=gen).to(dev), torch.arange(way).to(dev),
+                          torch.rand(way * nq, c, s, s, generator=gen).to(dev), (torch.arange(way * nq) % way).to(dev))
+                         for _ in range(batch)]
+                baseline = start_memory(dev)
+                times = []
+                for i in range(args.steps + 1):
+                    start = time.perf_counter()
+                    meta_iteration(params, opt, tasks, steps, lr, mode == "maml")
+                    if dev.type == "cuda":
+                        torch.cuda.synchronize()
+                    if i > 0:  # the first iteration is warm-up
+                        times.append(time.perf_counter() - start)
+                seconds = statistics.median(times)
+                peak = peak_memory(dev, baseline)
+                rows.append({"workload": name, "mode": mode, "meta_batch": batch, "inner_steps": steps,
+                             "backend": f"pytorch {torch.__version__} {args.device}",
+                             "meta_iterations_per_second": 1 / seconds, "seconds_per_meta_iteration": seconds,
+                             "peak_memory_mib": peak})
+                print(f"{name:<28} {mode:<7} r={steps:<3} {1 / seconds:>8.3f} meta-it/s  {seconds:>8.2f} s  peak {peak:>8.0f} MiB",
+                      flush=True)
+                del params, opt, tasks
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(rows, fh, indent=2)

@@ -6,13 +6,17 @@
 //! Hessian of a sum of independent tasks is block-diagonal. Per-task
 //! quantities (UFO's draws and moments, CG's step sizes) are kept per block.
 
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
 use burn::backend::tensor::Device;
 use rand::Rng;
 
 use crate::diff::{Objective, hvp, value_and_grad};
 use crate::episode::{Episode, LabelledImages};
-use crate::hypergrad::{Hypergradient, InnerLoop, Mode, QRule, adapt, axpy, fomaml, maml, maml_unrolled, proximal_adapt, sweep, task_hypergradient};
-use crate::model::{Conv4, accuracy_of_rows};
+use crate::hypergrad::{Hypergradient, InnerLoop, Mode, QRule, adapt, axpy, fomaml, hypergradient_drawn, maml, maml_unrolled, proximal_adapt, sweep};
+use crate::profile::{Phase, timed};
+use crate::model::{BatchLoss, ClassifierLoss, Conv4, KeepLogits, accuracy, accuracy_of_rows};
 use crate::tensor::{Level, Precision, Tensor, one_hot};
 
 /// The images of T tasks arranged for `Conv4::forward_stacked`.
@@ -71,10 +75,17 @@ pub struct StackedLoss<'a, Base: Level> {
 
 impl<Base: Level<Base = Base>> Objective<Base> for StackedLoss<'_, Base> {
     fn eval<B: Level<Base = Base>>(&self, params: &[Tensor<B>]) -> Tensor<B> {
+        self.logits_and_loss(params).1
+    }
+}
+
+impl<Base: Level<Base = Base>> ClassifierLoss<Base> for StackedLoss<'_, Base> {
+    fn logits_and_loss<B: Level<Base = Base>>(&self, params: &[Tensor<B>]) -> (Tensor<B>, Tensor<B>) {
         let tasks = self.batch.tasks;
         let logits = self.model.forward_stacked(params, &Tensor::from_base(&self.batch.images), tasks);
         // The mean over all T·n rows, times T: every task has n rows.
-        logits.cross_entropy(&Tensor::from_base(&self.batch.one_hot)).mul_scalar(tasks as f64)
+        let loss = logits.cross_entropy(&Tensor::from_base(&self.batch.one_hot)).mul_scalar(tasks as f64);
+        (logits, loss)
     }
 }
 
@@ -205,9 +216,8 @@ pub struct BatchHypergradient<Base: Level> {
     pub exact: Vec<bool>,
 }
 
-/// Per-task query loss and accuracy at stacked adapted parameters.
-fn per_task_scores<Base: Level>(model: &Conv4, adapted: &[Tensor<Base>], query: &StackedBatch<Base>) -> (Vec<f64>, Vec<f64>) {
-    let logits = model.forward_stacked(adapted, &query.images, query.tasks);
+/// Per-task query loss and accuracy from the stacked query logits [T·n, way].
+fn per_task_scores<Base: Level>(model: &Conv4, logits: &Tensor<Base>, query: &StackedBatch<Base>) -> (Vec<f64>, Vec<f64>) {
     let n = query.labels[0].len();
     // Σ over each task's rows of the log-probability of the label.
     let picked = logits.log_softmax().mul(&query.one_hot).reshape(&[query.tasks, n * model.way]).sum_dim(1).to_vec();
@@ -219,8 +229,10 @@ fn per_task_scores<Base: Level>(model: &Conv4, adapted: &[Tensor<Base>], query: 
 }
 
 /// The same as `batched_hypergradient`, one network per task: faster on
-/// Flex, whose grouped convolution is slower than separate ones. `q` is the
-/// mean of the tasks' q (an adaptive q may change after each exact task).
+/// Flex, whose grouped convolution is slower than separate ones. Tasks run in
+/// parallel, one per core; ufo's draws are made first, in task order, with the
+/// q of the meta-batch's start, and an adaptive rule observes the exact tasks
+/// in task order afterwards, so results do not depend on thread timing.
 #[allow(clippy::too_many_arguments)]
 pub fn task_by_task_hypergradient<Base: Level<Base = Base>>(
     mode: &mut Mode,
@@ -232,23 +244,66 @@ pub fn task_by_task_hypergradient<Base: Level<Base = Base>>(
     device: &Device<Base>,
     rng: &mut impl Rng,
 ) -> BatchHypergradient<Base> {
-    let tasks = episodes.len() as f64;
-    let (mut sum, mut query_losses, mut query_accuracies, mut qs, mut exact) = (None::<Vec<Tensor<Base>>>, vec![], vec![], vec![], vec![]);
-    for episode in episodes {
-        let r = task_hypergradient(mode, model, &episode.to_task::<Base>(precision, device), theta, inner, rng);
-        let h = r.hypergradient;
+    let tasks = episodes.len();
+    let q = match mode {
+        Mode::Ufo(rule) => Some(rule.q(inner.steps)),
+        _ => None,
+    };
+    let draws: Vec<Option<(f64, bool)>> = (0..tasks).map(|_| q.map(|q| (q, rng.random::<f64>() < q))).collect();
+    let shared_mode: &Mode = mode;
+    let results = parallel_map(tasks, |t| {
+        timed::<Base, _>(Phase::Task, device, || {
+            let task = episodes[t].to_task::<Base>(precision, device);
+            let support = BatchLoss { model, batch: &task.support };
+            let query = KeepLogits::new(BatchLoss { model, batch: &task.query });
+            let (h, observation) = hypergradient_drawn(shared_mode, &support, &query, theta, inner, draws[t]);
+            // Every mode evaluated the query loss last at the adapted parameters.
+            let accuracy = accuracy(&query.latest().expect("the query loss was evaluated"), &task.query.labels);
+            (h, accuracy, observation)
+        })
+    });
+    let (mut sum, mut query_losses, mut query_accuracies, mut exact) = (None::<Vec<Tensor<Base>>>, vec![], vec![], vec![]);
+    for (h, accuracy, observation) in results {
+        if let (Mode::Ufo(QRule::Adaptive(state)), Some((d2, v2))) = (&mut *mode, observation) {
+            state.observe(d2, v2);
+        }
         query_losses.push(h.query_loss);
-        query_accuracies.push(r.query_accuracy);
-        qs.extend(h.q);
+        query_accuracies.push(accuracy);
         exact.extend(h.exact_branch);
         sum = Some(match sum {
             None => h.grad,
             Some(s) => axpy(&s, 1.0, &h.grad),
         });
     }
-    let grad = sum.expect("at least one task").iter().map(|g| g.mul_scalar(1.0 / tasks)).collect();
-    let q = (!qs.is_empty()).then(|| qs.iter().sum::<f64>() / qs.len() as f64);
+    let grad = sum.expect("at least one task").iter().map(|g| g.mul_scalar(1.0 / tasks as f64)).collect();
     BatchHypergradient { grad, query_losses, query_accuracies, q, exact }
+}
+
+/// `f(0)..f(n−1)` on one thread per core, results in index order. Each
+/// thread takes the next index when it finishes one, so at most one task per
+/// thread is in memory at a time.
+fn parallel_map<T: Send>(n: usize, f: impl Fn(usize) -> T + Sync) -> Vec<T> {
+    let threads = std::thread::available_parallelism().map_or(1, |c| c.get()).min(n);
+    if threads <= 1 {
+        return (0..n).map(f).collect();
+    }
+    let next = AtomicUsize::new(0);
+    let slots: Vec<Mutex<Option<T>>> = (0..n).map(|_| Mutex::new(None)).collect();
+    std::thread::scope(|scope| {
+        for _ in 0..threads {
+            scope.spawn(|| {
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= n {
+                        break;
+                    }
+                    let value = f(i);
+                    *slots[i].lock().expect("a task thread panicked") = Some(value);
+                }
+            });
+        }
+    });
+    slots.into_iter().map(|slot| slot.into_inner().expect("a task thread panicked").expect("every index ran")).collect()
 }
 
 /// Every task's hypergradient under `mode`, averaged, in one stacked
@@ -265,28 +320,42 @@ pub fn batched_hypergradient<Base: Level<Base = Base>>(
     device: &Device<Base>,
     rng: &mut impl Rng,
 ) -> BatchHypergradient<Base> {
+    timed::<Base, _>(Phase::Task, device, || stacked_hypergradient(mode, model, episodes, theta, inner, precision, device, rng))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn stacked_hypergradient<Base: Level<Base = Base>>(
+    mode: &mut Mode,
+    model: &Conv4,
+    episodes: &[&Episode],
+    theta: &[Tensor<Base>],
+    inner: &InnerLoop,
+    precision: Precision,
+    device: &Device<Base>,
+    rng: &mut impl Rng,
+) -> BatchHypergradient<Base> {
     let tasks = episodes.len();
     let batch = TaskBatch::new(episodes, precision, device);
     let support = StackedLoss { model, batch: &batch.support };
-    let query = StackedLoss { model, batch: &batch.query };
+    let query = KeepLogits::new(StackedLoss { model, batch: &batch.query });
     let phi0 = replicate(theta, tasks);
-    let (stacked, adapted, q, exact): (Vec<Tensor<Base>>, Vec<Tensor<Base>>, Option<f64>, Vec<bool>) = match mode {
+    let (stacked, q, exact): (Vec<Tensor<Base>>, Option<f64>, Vec<bool>) = match mode {
         Mode::Maml => {
             let h: Hypergradient<Base> = maml(&support, &query, &phi0, inner);
-            (h.grad, h.adapted, None, vec![])
+            (h.grad, None, vec![])
         }
         Mode::MamlUnrolled => {
             let h = maml_unrolled(&support, &query, &phi0, inner);
-            (h.grad, h.adapted, None, vec![])
+            (h.grad, None, vec![])
         }
         Mode::Fomaml => {
             let h = fomaml(&support, &query, &phi0, inner);
-            (h.grad, h.adapted, None, vec![])
+            (h.grad, None, vec![])
         }
         Mode::Implicit { lambda, cg_steps } => {
             let phi = proximal_adapt(&support, &phi0, inner, *lambda);
             let (_, g_query) = value_and_grad(&query, &phi);
-            (conjugate_gradient_tasks(&support, &phi, &g_query, *lambda, *cg_steps, tasks), phi, None, vec![])
+            (conjugate_gradient_tasks(&support, &phi, &g_query, *lambda, *cg_steps, tasks), None, vec![])
         }
         Mode::Ufo(rule) => {
             let q = rule.q(inner.steps);
@@ -316,10 +385,12 @@ pub fn batched_hypergradient<Base: Level<Base = Base>>(
                 let weighted: Vec<Tensor<Base>> = correction.iter().map(|c| c.mul_scalar(1.0 / q)).collect();
                 axpy(&g_fo, 1.0, &place_tasks(&weighted, tasks, &chosen))
             };
-            (grad, phi, Some(q), exact)
+            (grad, Some(q), exact)
         }
     };
-    let (query_losses, query_accuracies) = per_task_scores(model, &adapted, &batch.query);
+    // Every mode evaluated the query loss last at the adapted parameters.
+    let logits = query.latest().expect("the query loss was evaluated");
+    let (query_losses, query_accuracies) = per_task_scores(model, &logits, &batch.query);
     let grad = task_sum(&stacked, tasks).iter().map(|g| g.mul_scalar(1.0 / tasks as f64)).collect();
     BatchHypergradient { grad, query_losses, query_accuracies, q, exact }
 }

@@ -411,92 +411,177 @@ pub struct TrainRow {
     pub meta_iterations_per_second: f64,
     pub seconds_per_meta_iteration: f64,
     /// Mean seconds per meta-iteration spent waiting for episodes, in
-    /// hypergradients (forward, backward, Hessian-vector products), in the
-    /// Adam step, and in the rest (logging, the final checkpoint).
+    /// hypergradients, in the Adam step, and in the rest (logging, the final
+    /// checkpoint).
     pub data_s: f64,
     pub hypergradient_s: f64,
     pub optimizer_s: f64,
     pub other_s: f64,
+    /// `hypergradient_s` split into forward passes, first-order reverse
+    /// passes, the second reverse pass of Hessian-vector products, and the
+    /// rest (inner-loop updates, conjugate-gradient vector algebra, reading
+    /// losses back). Parallel tasks' thread time is scaled to wall time.
+    pub forward_s: f64,
+    pub backward_s: f64,
+    pub hvp_reverse_s: f64,
+    pub hypergradient_other_s: f64,
+    /// Peak memory of the training run above its start, and where it was read.
+    pub peak_memory_mib: Option<f64>,
+    pub memory_source: String,
+}
+
+/// A training workload of `bench train`: a dataset's image shape, an episode
+/// shape, a meta-batch and the inner loop of its paper.
+struct TrainWorkload {
+    key: &'static str,
+    name: &'static str,
+    dataset: &'static str,
+    way: usize,
+    queries: usize,
+    meta_batch: usize,
+    inner_steps: usize,
+    inner_lr: f64,
+    /// iMAML's proximal inner steps and step size on this dataset.
+    implicit_steps: usize,
+    implicit_lr: f64,
+    image_shape: [usize; 3],
+    classes: usize,
+    per_class: usize,
+}
+
+const TRAIN_WORKLOADS: [TrainWorkload; 3] = [
+    TrainWorkload { key: "omniglot-5w1s", name: "omniglot 5-way 1-shot", dataset: "omniglot", way: 5, queries: 15, meta_batch: 32, inner_steps: 1, inner_lr: 0.4, implicit_steps: 16, implicit_lr: 0.1, image_shape: [1, 28, 28], classes: 4400, per_class: 20 },
+    TrainWorkload { key: "omniglot-20w1s", name: "omniglot 20-way 1-shot", dataset: "omniglot", way: 20, queries: 5, meta_batch: 16, inner_steps: 5, inner_lr: 0.1, implicit_steps: 16, implicit_lr: 0.1, image_shape: [1, 28, 28], classes: 4400, per_class: 20 },
+    TrainWorkload { key: "mini-imagenet-5w1s", name: "mini-imagenet 5-way 1-shot", dataset: "mini-imagenet", way: 5, queries: 15, meta_batch: 4, inner_steps: 5, inner_lr: 0.01, implicit_steps: 10, implicit_lr: 0.01, image_shape: [3, 84, 84], classes: 64, per_class: 40 },
+];
+
+pub const TRAIN_WORKLOAD_KEYS: &str = "omniglot-5w1s, omniglot-20w1s, mini-imagenet-5w1s";
+
+/// What `bench train` measures.
+pub struct TrainBench {
+    pub selection: crate::backend::Selection,
+    /// Meta-iterations timed per case, after one warm-up iteration.
+    pub steps: usize,
+    pub modes: Vec<String>,
+    /// Workload keys (`TRAIN_WORKLOAD_KEYS`); empty means all.
+    pub workloads: Vec<String>,
+    /// Inner steps to run every case with; empty means each workload's own
+    /// (and iMAML's proximal steps for implicit).
+    pub inner_steps: Vec<usize>,
+    pub batched: bool,
+}
+
+/// A training job that also reports its peak memory on the backend it runs on.
+struct MeasuredTrain(crate::train::TrainJob);
+
+impl crate::backend::OnBackend for MeasuredTrain {
+    type Output = anyhow::Result<(crate::train::Outcome, Option<f64>, String)>;
+    fn run<B: Level<Base = B>>(self, device: Device<B>, precision: Precision) -> Self::Output {
+        let probe = MemoryProbe::<B>::start(&device);
+        let outcome = crate::backend::OnBackend::run::<B>(self.0, device, precision)?;
+        Ok((outcome, probe.peak_mib(), probe.source().to_string()))
+    }
 }
 
 /// Meta-iterations per second of the real training loop (sampler, every
-/// task's hypergradient, Adam), on random images of each workload's shape:
-/// Omniglot 5-way 1-shot (meta-batch 32, one inner step), Omniglot 20-way
-/// 1-shot (meta-batch 16, five inner steps) and Mini-ImageNet 5-way 1-shot
-/// (meta-batch 4, five inner steps).
-pub fn train_bench(selection: crate::backend::Selection, steps: usize, modes: &[String], batched: bool) -> anyhow::Result<Vec<TrainRow>> {
+/// task's hypergradient, Adam) on random images of each workload's shape, with
+/// the time split into data, forward, backward, HVP, Adam and the rest, and
+/// the run's peak memory.
+pub fn train_bench(bench: &TrainBench) -> anyhow::Result<Vec<TrainRow>> {
     use std::sync::Arc;
-    let workloads = [
-        // (name, dataset, way, queries, meta-batch, inner steps, inner lr, image shape, classes, images per class)
-        ("omniglot 5-way 1-shot", "omniglot", 5usize, 15usize, 32usize, 1usize, 0.4, [1usize, 28, 28], 4400usize, 20usize),
-        ("omniglot 20-way 1-shot", "omniglot", 20, 5, 16, 5, 0.1, [1, 28, 28], 4400, 20),
-        ("mini-imagenet 5-way 1-shot", "mini-imagenet", 5, 15, 4, 5, 0.01, [3, 84, 84], 64, 40),
-    ];
-    let dir = std::env::temp_dir().join(format!("metagrad-bench-train-{}", std::process::id()));
-    let mut rows = Vec::new();
-    for (workload, dataset, way, queries, batch, inner, lr, shape, classes, per_class) in workloads {
-        let split = Arc::new(stand_in_split(classes, per_class, shape));
-        for mode in modes {
-            let (mode_keys, r, a) = match mode.as_str() {
-                "ufo" => ("name = \"ufo\"\nq_rule = \"adaptive\"\n".to_string(), inner, lr),
-                // iMAML's settings: more inner steps on the proximal problem.
-                "implicit" => ("name = \"implicit\"\nlambda = 2.0\ncg_steps = 5\n".to_string(), if dataset == "omniglot" { 16 } else { 10 }, if dataset == "omniglot" { 0.1 } else { 0.01 }),
-                m => (format!("name = \"{m}\"\n"), inner, lr),
-            };
-            let text = format!(
-                "[run]\nname = \"{}-{mode}\"\n[data]\ndataset = \"{dataset}\"\nway = {way}\nqueries = {queries}\n[train]\ntask_batching = \"{}\"\nmeta_steps = {}\nmeta_batch = {batch}\ninner_steps = {r}\ninner_lr = {a}\n[mode]\n{mode_keys}[eval]\nevery = 0\n[checkpoint]\ndir = \"{}\"\nevery = 0\n",
-                dataset,
-                if batched { "on" } else { "off" },
-                steps + 1,
-                dir.display()
-            );
-            let config = crate::config::Config::parse(&text, &[], "benchmark")?;
-            let _ = std::fs::remove_dir_all(config.run_dir());
-            let job = crate::train::TrainJob {
-                config: config.clone(),
-                resume: None,
-                progress: false,
-                stop: Arc::new(std::sync::atomic::AtomicBool::new(false)),
-                splits: Some((split.clone(), None)),
-                task_batching: batched,
-            };
-            let outcome = crate::backend::dispatch(selection, job)?;
-            // The first meta-iteration is warm-up (kernel compilation, allocation).
-            let timed = &outcome.timings[1..];
-            let mean = |f: fn(&crate::train::StepTiming) -> f64| timed.iter().map(f).sum::<f64>() / timed.len() as f64;
-            let (data_s, hypergradient_s, optimizer_s, other_s) = (mean(|t| t.data_s), mean(|t| t.hypergradient_s), mean(|t| t.optimizer_s), mean(|t| t.other_s));
-            let seconds = data_s + hypergradient_s + optimizer_s + other_s;
-            let row = TrainRow {
-                workload: workload.to_string(),
-                backend: selection.kind.name().to_string(),
-                mode: mode.clone(),
-                batched,
-                meta_batch: batch,
-                inner_steps: r,
-                meta_iterations_per_second: 1.0 / seconds,
-                seconds_per_meta_iteration: seconds,
-                data_s,
-                hypergradient_s,
-                optimizer_s,
-                other_s,
-            };
-            eprintln!("{workload} {mode}: {:.3} meta-iterations/s", row.meta_iterations_per_second);
-            rows.push(row);
+    for key in &bench.workloads {
+        if !TRAIN_WORKLOADS.iter().any(|w| w.key == key) {
+            anyhow::bail!("unknown workload '{key}': expected one of {TRAIN_WORKLOAD_KEYS}");
         }
     }
+    let dir = std::env::temp_dir().join(format!("metagrad-bench-train-{}", std::process::id()));
+    let mut rows = Vec::new();
+    crate::profile::set_enabled(true);
+    for w in TRAIN_WORKLOADS.iter().filter(|w| bench.workloads.is_empty() || bench.workloads.iter().any(|k| k == w.key)) {
+        let split = Arc::new(stand_in_split(w.classes, w.per_class, w.image_shape));
+        for mode in &bench.modes {
+            let own_steps = if mode == "implicit" { w.implicit_steps } else { w.inner_steps };
+            let grid = if bench.inner_steps.is_empty() { vec![own_steps] } else { bench.inner_steps.clone() };
+            for r in grid {
+                let (mode_keys, lr) = match mode.as_str() {
+                    "ufo" => ("name = \"ufo\"\nq_rule = \"adaptive\"\n".to_string(), w.inner_lr),
+                    "implicit" => ("name = \"implicit\"\nlambda = 2.0\ncg_steps = 5\n".to_string(), w.implicit_lr),
+                    m => (format!("name = \"{m}\"\n"), w.inner_lr),
+                };
+                let text = format!(
+                    "[run]\nname = \"{}-{mode}-{r}\"\n[data]\ndataset = \"{}\"\nway = {}\nqueries = {}\n[train]\ntask_batching = \"{}\"\nmeta_steps = {}\nmeta_batch = {}\ninner_steps = {r}\ninner_lr = {lr}\n[mode]\n{mode_keys}[eval]\nevery = 0\n[checkpoint]\ndir = \"{}\"\nevery = 0\n",
+                    w.key,
+                    w.dataset,
+                    w.way,
+                    w.queries,
+                    if bench.batched { "on" } else { "off" },
+                    bench.steps + 1,
+                    w.meta_batch,
+                    dir.display()
+                );
+                let config = crate::config::Config::parse(&text, &[], "benchmark")?;
+                let _ = std::fs::remove_dir_all(config.run_dir());
+                let job = crate::train::TrainJob {
+                    config: config.clone(),
+                    resume: None,
+                    progress: false,
+                    stop: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+                    splits: Some((split.clone(), None)),
+                    task_batching: bench.batched,
+                };
+                let (outcome, peak_memory_mib, memory_source) = crate::backend::dispatch(bench.selection, MeasuredTrain(job))?;
+                let row = train_row(w, mode, r, bench, &outcome.timings[1..], peak_memory_mib, memory_source);
+                eprintln!("{} {mode} r={r}: {:.3} meta-iterations/s", w.name, row.meta_iterations_per_second);
+                rows.push(row);
+            }
+        }
+    }
+    crate::profile::set_enabled(false);
     let _ = std::fs::remove_dir_all(&dir);
     Ok(rows)
 }
 
+/// Means over the timed meta-iterations (the first one, a warm-up, is left out).
+fn train_row(w: &TrainWorkload, mode: &str, r: usize, bench: &TrainBench, timed: &[crate::train::StepTiming], peak_memory_mib: Option<f64>, memory_source: String) -> TrainRow {
+    let mean = |f: &dyn Fn(&crate::train::StepTiming) -> f64| timed.iter().map(f).sum::<f64>() / timed.len() as f64;
+    let (data_s, hypergradient_s, optimizer_s, other_s) = (mean(&|t| t.data_s), mean(&|t| t.hypergradient_s), mean(&|t| t.optimizer_s), mean(&|t| t.other_s));
+    // Phase counters hold thread time; the tasks' own total scales them to wall time.
+    let task_s = mean(&|t| t.phases.task_s);
+    let to_wall = if task_s > 0.0 { hypergradient_s / task_s } else { 0.0 };
+    let (forward_s, backward_s, hvp_reverse_s) = (mean(&|t| t.phases.forward_s) * to_wall, mean(&|t| t.phases.backward_s) * to_wall, mean(&|t| t.phases.hvp_reverse_s) * to_wall);
+    let seconds = data_s + hypergradient_s + optimizer_s + other_s;
+    TrainRow {
+        workload: w.name.to_string(),
+        backend: bench.selection.kind.name().to_string(),
+        mode: mode.to_string(),
+        batched: bench.batched,
+        meta_batch: w.meta_batch,
+        inner_steps: r,
+        meta_iterations_per_second: 1.0 / seconds,
+        seconds_per_meta_iteration: seconds,
+        data_s,
+        hypergradient_s,
+        optimizer_s,
+        other_s,
+        forward_s,
+        backward_s,
+        hvp_reverse_s,
+        hypergradient_other_s: (hypergradient_s - forward_s - backward_s - hvp_reverse_s).max(0.0),
+        peak_memory_mib,
+        memory_source,
+    }
+}
+
 pub fn format_train_table(rows: &[TrainRow]) -> String {
     let mut out = format!(
-        "{:<28} {:<8} {:<9} {:<8} {:>5} {:>3} {:>10} {:>10} {:>7} {:>7} {:>7} {:>7}\n",
-        "workload", "backend", "mode", "batched", "tasks", "r", "meta-it/s", "s/meta-it", "data", "hypgrad", "adam", "other"
+        "{:<27} {:<7} {:<8} {:<7} {:>5} {:>3} {:>9} {:>9} {:>6} {:>6} {:>6} {:>6} {:>6} {:>6} {:>6} {:>9}\n",
+        "workload", "backend", "mode", "batched", "tasks", "r", "meta-it/s", "s/meta-it", "data", "fwd", "bwd", "hvp", "hg-oth", "adam", "other", "peak MiB"
     );
     for r in rows {
-        let pct = |v: f64| format!("{:.1}%", 100.0 * v / r.seconds_per_meta_iteration);
+        let pct = |v: f64| format!("{:.0}%", 100.0 * v / r.seconds_per_meta_iteration);
+        let mem = r.peak_memory_mib.map(|m| format!("{m:.0}")).unwrap_or_else(|| "n/a".into());
         out.push_str(&format!(
-            "{:<28} {:<8} {:<9} {:<8} {:>5} {:>3} {:>10.3} {:>10.2} {:>7} {:>7} {:>7} {:>7}\n",
+            "{:<27} {:<7} {:<8} {:<7} {:>5} {:>3} {:>9.3} {:>9.2} {:>6} {:>6} {:>6} {:>6} {:>6} {:>6} {:>6} {:>9}\n",
             r.workload,
             r.backend,
             r.mode,
@@ -506,9 +591,13 @@ pub fn format_train_table(rows: &[TrainRow]) -> String {
             r.meta_iterations_per_second,
             r.seconds_per_meta_iteration,
             pct(r.data_s),
-            pct(r.hypergradient_s),
+            pct(r.forward_s),
+            pct(r.backward_s),
+            pct(r.hvp_reverse_s),
+            pct(r.hypergradient_other_s),
             pct(r.optimizer_s),
-            pct(r.other_s)
+            pct(r.other_s),
+            mem
         ));
     }
     out

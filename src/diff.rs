@@ -10,6 +10,7 @@
 use burn::backend::ops::FloatTensorOps;
 use burn::backend::{Autodiff, AutodiffBackend};
 
+use crate::profile::{Phase, timed};
 use crate::tensor::{Level, Tensor};
 
 /// A scalar function of a list of parameter tensors, written once for every
@@ -62,9 +63,10 @@ where
     B: Level,
     F: Objective<B::Base>,
 {
+    let device = params[0].device();
     let leaves = lift(params);
-    let loss = f.eval(&leaves);
-    let grads = backward(&loss, &leaves);
+    let loss = timed::<B, _>(Phase::Forward, &device, || f.eval(&leaves));
+    let grads = timed::<B, _>(Phase::Backward, &device, || backward(&loss, &leaves));
     (lower(loss), grads)
 }
 
@@ -86,7 +88,7 @@ where
         .map(|(g, d)| g.dot(d))
         .reduce(|a, b| a.add(&b))
         .expect("hvp: at least one parameter");
-    let hv = backward(&inner, &leaves);
+    let hv = timed::<B, _>(Phase::HvpReverse, &params[0].device(), || backward(&inner, &leaves));
     let grads = grads.into_iter().map(lower).collect();
     (lower(loss), grads, hv)
 }

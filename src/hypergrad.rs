@@ -22,7 +22,7 @@ use rand::Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::diff::{Objective, backward, dot_all, hvp, lift, value_and_grad};
-use crate::model::{Batch, BatchLoss, Conv4, accuracy};
+use crate::model::{Batch, BatchLoss, Conv4, KeepLogits, accuracy};
 use crate::tensor::{Level, Tensor};
 
 /// θ − α·g, tensor by tensor.
@@ -314,14 +314,28 @@ where
     Q: Objective<Base>,
 {
     let q = rule.q(inner.steps);
-    let exact = rng.random::<f64>() < q;
-    let parts = ufo_parts(support, query, theta, inner, exact);
-    if let (QRule::Adaptive(state), Some(g_maml)) = (rule, &parts.g_maml) {
-        let correction: Vec<Tensor<Base>> = g_maml.iter().zip(&parts.g_fo).map(|(m, f)| m.sub(f)).collect();
-        state.observe(dot_all(&correction, &correction), dot_all(g_maml, g_maml));
+    let (h, observation) = ufo_drawn(support, query, theta, inner, q, rng.random::<f64>() < q);
+    if let (QRule::Adaptive(state), Some((d2, v2))) = (rule, observation) {
+        state.observe(d2, v2);
     }
+    h
+}
+
+/// One UFO estimate whose Bernoulli(q) draw is already made (`exact`), and
+/// for an exact sample the (D², V²) an adaptive rule observes.
+pub fn ufo_drawn<Base, S, Q>(support: &S, query: &Q, theta: &[Tensor<Base>], inner: &InnerLoop, q: f64, exact: bool) -> (Hypergradient<Base>, Option<(f64, f64)>)
+where
+    Base: Level<Base = Base>,
+    S: Objective<Base>,
+    Q: Objective<Base>,
+{
+    let parts = ufo_parts(support, query, theta, inner, exact);
+    let observation = parts.g_maml.as_ref().map(|g_maml| {
+        let correction: Vec<Tensor<Base>> = g_maml.iter().zip(&parts.g_fo).map(|(m, f)| m.sub(f)).collect();
+        (dot_all(&correction, &correction), dot_all(g_maml, g_maml))
+    });
     let grad = parts.mix(1.0 / q);
-    Hypergradient { grad, query_loss: parts.query_loss, adapted: parts.adapted, exact_branch: Some(exact), q: Some(q) }
+    (Hypergradient { grad, query_loss: parts.query_loss, adapted: parts.adapted, exact_branch: Some(exact), q: Some(q) }, observation)
 }
 
 /// The mean of `samples` independent UFO estimates on one task with a fixed
@@ -424,11 +438,36 @@ where
     Q: Objective<Base>,
 {
     match mode {
-        Mode::Maml => maml(support, query, theta, inner),
-        Mode::MamlUnrolled => maml_unrolled(support, query, theta, inner),
-        Mode::Fomaml => fomaml(support, query, theta, inner),
         Mode::Ufo(rule) => ufo(support, query, theta, inner, rule, rng),
-        Mode::Implicit { lambda, cg_steps } => implicit(support, query, theta, inner, *lambda, *cg_steps),
+        other => hypergradient_drawn(other, support, query, theta, inner, None).0,
+    }
+}
+
+/// Any mode, with ufo's draw made beforehand: `ufo_draw` = (q, exact branch).
+/// Returns the hypergradient and, for an exact ufo sample, the (D², V²) an
+/// adaptive q observes. Nothing is mutated, so tasks can run in parallel.
+pub fn hypergradient_drawn<Base, S, Q>(
+    mode: &Mode,
+    support: &S,
+    query: &Q,
+    theta: &[Tensor<Base>],
+    inner: &InnerLoop,
+    ufo_draw: Option<(f64, bool)>,
+) -> (Hypergradient<Base>, Option<(f64, f64)>)
+where
+    Base: Level<Base = Base>,
+    S: Objective<Base>,
+    Q: Objective<Base>,
+{
+    match mode {
+        Mode::Maml => (maml(support, query, theta, inner), None),
+        Mode::MamlUnrolled => (maml_unrolled(support, query, theta, inner), None),
+        Mode::Fomaml => (fomaml(support, query, theta, inner), None),
+        Mode::Ufo(_) => {
+            let (q, exact) = ufo_draw.expect("ufo: the Bernoulli draw must be made before the task runs");
+            ufo_drawn(support, query, theta, inner, q, exact)
+        }
+        Mode::Implicit { lambda, cg_steps } => (implicit(support, query, theta, inner, *lambda, *cg_steps), None),
     }
 }
 
@@ -458,9 +497,10 @@ pub fn task_hypergradient<Base: Level<Base = Base>>(
     rng: &mut impl Rng,
 ) -> TaskResult<Base> {
     let support = BatchLoss { model, batch: &task.support };
-    let query = BatchLoss { model, batch: &task.query };
+    let query = KeepLogits::new(BatchLoss { model, batch: &task.query });
     let hypergradient = hypergradient(mode, &support, &query, theta, inner, rng);
-    let query_accuracy = adapted_accuracy(model, &hypergradient.adapted, &task.query);
+    // Every mode evaluated the query loss last at the adapted parameters.
+    let query_accuracy = accuracy(&query.latest().expect("the query loss was evaluated"), &task.query.labels);
     TaskResult { hypergradient, query_accuracy }
 }
 

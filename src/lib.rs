@@ -14,6 +14,7 @@
 //! - [`cache`]: the binary cache of decoded images.
 //! - [`fetch`]: verified, resumable downloads.
 //! - [`plot`]: episode previews and training curves as PNG.
+//! - [`profile`]: where hypergradient time goes (forward, backward, HVP).
 //! - [`config`]: training configuration (TOML with overrides).
 //! - [`train`]: the training loop, Adam, validation and evaluation.
 //! - [`checkpoint`]: complete, atomic checkpoints and resume.
@@ -38,6 +39,7 @@ pub mod mini_imagenet;
 pub mod model;
 pub mod omniglot;
 pub mod plot;
+pub mod profile;
 pub mod store;
 pub mod synthetic;
 pub mod tensor;

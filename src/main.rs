@@ -323,6 +323,12 @@ enum BenchCommand {
         /// Modes to measure, comma-separated.
         #[arg(long, value_delimiter = ',', default_value = "maml,fomaml,ufo,implicit")]
         modes: Vec<String>,
+        /// Workloads, comma-separated: omniglot-5w1s, omniglot-20w1s, mini-imagenet-5w1s (default: all).
+        #[arg(long, value_delimiter = ',')]
+        workloads: Vec<String>,
+        /// Inner steps to run every case with, comma-separated (default: each workload's own).
+        #[arg(long, value_delimiter = ',')]
+        inner_steps: Vec<usize>,
         /// Task batching: auto (stacked on wgpu, task by task on the CPU), on or off.
         #[arg(long, default_value = "auto")]
         task_batching: String,
@@ -741,7 +747,10 @@ fn run(cli: Cli) -> Result<()> {
         Command::Train(args) => train(args),
         Command::Eval(args) => eval(args),
         Command::Plot { run, out, checkpoint_dir } => plot(&run, &out, &checkpoint_dir),
-        Command::Bench { which: BenchCommand::Train { backend: args, steps, modes, task_batching, json } } => {
+        Command::Bench { which: BenchCommand::Train { backend: args, steps, modes, workloads, inner_steps, task_batching, json } } => {
+            if inner_steps.contains(&0) {
+                bail!("--inner-steps: every mode needs at least 1 inner step");
+            }
             let selection = args.select()?;
             let batched = match task_batching.as_str() {
                 "on" => true,
@@ -750,7 +759,8 @@ fn run(cli: Cli) -> Result<()> {
                 other => bail!("--task-batching {other}: expected auto, on or off"),
             };
             eprintln!("benchmarking training on {}{}", selection.describe(), if batched { ", stacked meta-batches" } else { ", task by task" });
-            let rows = metagrad::bench::train_bench(selection, steps.max(1), &modes, batched)?;
+            let bench = metagrad::bench::TrainBench { selection, steps: steps.max(1), modes, workloads, inner_steps, batched };
+            let rows = metagrad::bench::train_bench(&bench)?;
             report(&metagrad::bench::format_train_table(&rows), &rows, json)
         }
         Command::Bench { which: BenchCommand::Data { location, seconds, json } } => {
@@ -778,6 +788,7 @@ fn run(cli: Cli) -> Result<()> {
 }
 
 fn main() -> ExitCode {
+    metagrad::backend::keep_freed_memory();
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -7,6 +7,8 @@
 //! statistics: the transductive setting of the MAML papers. Parameter names
 //! and layouts are PyTorch's, so weights load into PyTorch unchanged.
 
+use std::sync::Mutex;
+
 use burn::backend::tensor::Device;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -163,8 +165,9 @@ pub fn batch_norm<B: Level>(x: &Tensor<B>, gamma: &Tensor<B>, beta: &Tensor<B>) 
     let mean = x.mean_dim(0).mean_dim(2).mean_dim(3);
     let centered = x.sub(&mean);
     let var = centered.square().mean_dim(0).mean_dim(2).mean_dim(3);
-    let normalized = centered.div(&var.add_scalar(BATCH_NORM_EPS).sqrt());
-    normalized.mul(&gamma.reshape(&[1, c, 1, 1])).add(&beta.reshape(&[1, c, 1, 1]))
+    // γ/σ per channel first: one full-size multiply instead of a divide and a multiply.
+    let scale = gamma.reshape(&[1, c, 1, 1]).div(&var.add_scalar(BATCH_NORM_EPS).sqrt());
+    centered.mul(&scale).add(&beta.reshape(&[1, c, 1, 1]))
 }
 
 /// A labelled batch of images on the base backend.
@@ -199,8 +202,47 @@ pub struct BatchLoss<'a, Base: Level> {
 
 impl<Base: Level<Base = Base>> Objective<Base> for BatchLoss<'_, Base> {
     fn eval<B: Level<Base = Base>>(&self, params: &[Tensor<B>]) -> Tensor<B> {
+        self.logits_and_loss(params).1
+    }
+}
+
+impl<Base: Level<Base = Base>> ClassifierLoss<Base> for BatchLoss<'_, Base> {
+    fn logits_and_loss<B: Level<Base = Base>>(&self, params: &[Tensor<B>]) -> (Tensor<B>, Tensor<B>) {
         let logits = self.model.forward(params, &Tensor::from_base(&self.batch.images));
-        logits.cross_entropy(&Tensor::from_base(&self.batch.one_hot))
+        let loss = logits.cross_entropy(&Tensor::from_base(&self.batch.one_hot));
+        (logits, loss)
+    }
+}
+
+/// A loss computed from logits, which it can hand over too.
+pub trait ClassifierLoss<Base> {
+    fn logits_and_loss<B: Level<Base = Base>>(&self, params: &[Tensor<B>]) -> (Tensor<B>, Tensor<B>);
+}
+
+/// A classifier loss that keeps the logits of its latest evaluation (values
+/// only, no graph). Every mode evaluates the query loss last at the adapted
+/// parameters, so the query accuracy then needs no extra forward pass.
+pub struct KeepLogits<Base: Level, L> {
+    pub loss: L,
+    latest: Mutex<Option<Tensor<Base>>>,
+}
+
+impl<Base: Level, L> KeepLogits<Base, L> {
+    pub fn new(loss: L) -> Self {
+        KeepLogits { loss, latest: Mutex::new(None) }
+    }
+
+    /// The logits of the latest evaluation.
+    pub fn latest(&self) -> Option<Tensor<Base>> {
+        self.latest.lock().expect("logits lock").clone()
+    }
+}
+
+impl<Base: Level<Base = Base>, L: ClassifierLoss<Base>> Objective<Base> for KeepLogits<Base, L> {
+    fn eval<B: Level<Base = Base>>(&self, params: &[Tensor<B>]) -> Tensor<B> {
+        let (logits, loss) = self.loss.logits_and_loss(params);
+        *self.latest.lock().expect("logits lock") = Some(logits.to_base());
+        loss
     }
 }
 

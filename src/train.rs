@@ -192,6 +192,9 @@ pub struct StepTiming {
     pub hypergradient_s: f64,
     pub optimizer_s: f64,
     pub other_s: f64,
+    /// Thread time inside the hypergradients by phase (zero unless
+    /// `profile` is on).
+    pub phases: crate::profile::PhaseTimes,
 }
 
 pub struct TrainJob {
@@ -335,7 +338,9 @@ fn train<B: Level<Base = B>>(job: TrainJob, device: Device<B>, precision: Precis
         let data_s = step_start.elapsed().as_secs_f64();
         let refs: Vec<&Episode> = episodes.iter().collect();
         let meta_batch = if task_batching { batched_hypergradient } else { task_by_task_hypergradient };
+        let phases_before = crate::profile::totals();
         let r = meta_batch(active, &model, &refs, &theta, &inner, precision, &device, &mut ufo_rng);
+        let phases = crate::profile::totals().since(&phases_before);
         let t = config.train.meta_batch as f64;
         let mut grad = r.grad;
         let (loss, accuracy) = (r.query_losses.iter().sum::<f64>() / t, r.query_accuracies.iter().sum::<f64>() / t);
@@ -402,7 +407,7 @@ fn train<B: Level<Base = B>>(job: TrainJob, device: Device<B>, precision: Precis
             latest = Some(dir);
         }
         let total_s = step_start.elapsed().as_secs_f64();
-        timings.push(StepTiming { data_s, hypergradient_s, optimizer_s, other_s: total_s - data_s - hypergradient_s - optimizer_s });
+        timings.push(StepTiming { data_s, hypergradient_s, optimizer_s, other_s: total_s - data_s - hypergradient_s - optimizer_s, phases });
     }
     if interrupted && saved_at != step {
         let rng = episode_rng.clone().expect("an episode was drawn");

@@ -1,6 +1,6 @@
 //! The stacked meta-batch equals the task-by-task path, for every mode (f64).
 
-use metagrad::batched::{batched_hypergradient, conjugate_gradient_tasks, replicate, StackedLoss, TaskBatch, task_sum};
+use metagrad::batched::{batched_hypergradient, conjugate_gradient_tasks, replicate, StackedLoss, TaskBatch, task_by_task_hypergradient, task_sum};
 use metagrad::episode::{Episode, LabelledImages};
 use metagrad::hypergrad::{AdaptiveQ, InnerLoop, Mode, QRule, conjugate_gradient, task_hypergradient};
 use metagrad::model::{BatchLoss, Conv4};
@@ -96,6 +96,39 @@ fn every_mode_equals_the_task_by_task_path() {
         if let Mode::Ufo(_) = mode {
             // Same draws, task by task: some tasks exact, some not, with this seed.
             assert!(got.exact.iter().any(|&e| e) && got.exact.iter().any(|&e| !e), "{:?}", got.exact);
+        }
+    }
+}
+
+#[test]
+fn parallel_task_by_task_path_equals_the_stacked_one() {
+    // Tasks run on parallel threads; ufo draws in task order with the q of the
+    // meta-batch's start and an adaptive rule observes afterwards, exactly as
+    // the stacked path does.
+    let eps = episodes(5, 8);
+    let refs: Vec<&Episode> = eps.iter().collect();
+    let theta = MODEL.init::<Cpu>(2, F64, &DEV);
+    let inner = InnerLoop { steps: 2, lr: 0.3 };
+    let cases = vec![
+        Mode::Maml,
+        Mode::Fomaml,
+        Mode::Ufo(QRule::Fixed(0.5)),
+        Mode::Ufo(QRule::Adaptive(AdaptiveQ::new(0.5))),
+        Mode::Implicit { lambda: 2.0, cg_steps: 3 },
+    ];
+    for mode in cases {
+        let (mut a, mut b) = (mode.clone(), mode.clone());
+        let got = task_by_task_hypergradient(&mut a, &MODEL, &refs, &theta, &inner, F64, &DEV, &mut ChaCha8Rng::seed_from_u64(9));
+        let want = batched_hypergradient(&mut b, &MODEL, &refs, &theta, &inner, F64, &DEV, &mut ChaCha8Rng::seed_from_u64(9));
+        close(&got.grad, &want.grad, mode.name());
+        for (x, y) in got.query_losses.iter().zip(&want.query_losses) {
+            assert!((x - y).abs() < 1e-10, "{}: query loss {x} vs {y}", mode.name());
+        }
+        assert_eq!(got.query_accuracies, want.query_accuracies, "{}", mode.name());
+        assert_eq!((got.q, &got.exact), (want.q, &want.exact), "{}", mode.name());
+        if let (Mode::Ufo(QRule::Adaptive(x)), Mode::Ufo(QRule::Adaptive(y))) = (&a, &b) {
+            assert!(x.samples > 0 && x.samples == y.samples, "{} vs {} exact samples", x.samples, y.samples);
+            assert!((x.d2_avg - y.d2_avg).abs() <= 1e-9 * y.d2_avg.abs() && (x.v2_avg - y.v2_avg).abs() <= 1e-9 * y.v2_avg.abs());
         }
     }
 }

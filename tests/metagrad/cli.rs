@@ -120,6 +120,15 @@ fn bad_requests_are_clear_errors_not_panics() {
     let out = metagrad(&["bench", "autodiff", "--backend", "tpu"]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown backend 'tpu'"));
+
+    let out = metagrad(&["bench", "train", "--backend", "cpu", "--workloads", "cifar-5w1s"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("unknown workload 'cifar-5w1s'") && err.contains("omniglot-5w1s"), "{err}");
+
+    let out = metagrad(&["bench", "train", "--backend", "cpu", "--inner-steps", "1,0"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("at least 1 inner step"));
 }
 
 fn random_episode(way: usize, shot: usize, queries: usize, seed: u64) -> metagrad::episode::Episode {
