@@ -14,16 +14,18 @@ use crate::{mini_imagenet, omniglot, synthetic};
 #[serde(rename_all = "kebab-case")]
 pub enum DatasetKind {
     Synthetic,
+    SyntheticRgb,
     Omniglot,
     MiniImagenet,
 }
 
 impl DatasetKind {
-    pub const NAMES: &str = "synthetic, omniglot, mini-imagenet";
+    pub const NAMES: &str = "synthetic, synthetic-rgb, omniglot, mini-imagenet";
 
     pub fn name(self) -> &'static str {
         match self {
             DatasetKind::Synthetic => "synthetic",
+            DatasetKind::SyntheticRgb => "synthetic-rgb",
             DatasetKind::Omniglot => "omniglot",
             DatasetKind::MiniImagenet => "mini-imagenet",
         }
@@ -33,6 +35,7 @@ impl DatasetKind {
     pub fn default_image_size(self) -> usize {
         match self {
             DatasetKind::Synthetic => synthetic::IMAGE_SIZE,
+            DatasetKind::SyntheticRgb => synthetic::RGB_IMAGE_SIZE,
             DatasetKind::Omniglot => 28,
             DatasetKind::MiniImagenet => mini_imagenet::IMAGE_SIZE,
         }
@@ -44,6 +47,7 @@ impl std::str::FromStr for DatasetKind {
     fn from_str(s: &str) -> Result<Self> {
         Ok(match s {
             "synthetic" => DatasetKind::Synthetic,
+            "synthetic-rgb" => DatasetKind::SyntheticRgb,
             "omniglot" => DatasetKind::Omniglot,
             "mini-imagenet" | "miniimagenet" => DatasetKind::MiniImagenet,
             other => bail!("unknown dataset '{other}': expected one of {}", DatasetKind::NAMES),
@@ -91,11 +95,12 @@ impl DatasetSpec {
 
     pub fn load_split(&self, which: &str) -> Result<Split> {
         match self.kind {
-            DatasetKind::Synthetic => {
-                if self.image_size != synthetic::IMAGE_SIZE {
-                    bail!("the synthetic dataset has {0}×{0} images; image_size = {1} is not available", synthetic::IMAGE_SIZE, self.image_size);
+            DatasetKind::Synthetic | DatasetKind::SyntheticRgb => {
+                let size = self.kind.default_image_size();
+                if self.image_size != size {
+                    bail!("the {} dataset has {size}×{size} images; image_size = {} is not available", self.kind.name(), self.image_size);
                 }
-                synthetic::split(which, self.seed)
+                synthetic::split(which, self.seed, self.kind == DatasetKind::SyntheticRgb)
             }
             DatasetKind::Omniglot => {
                 check_dir(&self.data_dir, self.kind)?;
@@ -118,8 +123,9 @@ impl DatasetSpec {
     pub fn info(&self) -> Result<String> {
         let mut out = String::new();
         match self.kind {
-            DatasetKind::Synthetic => {
-                out.push_str(&format!("synthetic (embedded, seed {}): procedural glyphs, 1×28×28\n", self.seed));
+            DatasetKind::Synthetic | DatasetKind::SyntheticRgb => {
+                let shape = if self.kind == DatasetKind::Synthetic { "grey, 1×28×28" } else { "coloured, 3×84×84 (Mini-ImageNet's shape)" };
+                out.push_str(&format!("{} (embedded, seed {}): procedural glyphs, {shape}\n", self.kind.name(), self.seed));
                 for which in self.split_names() {
                     out.push_str(&split_line(which, &self.load_split(which)?));
                 }

@@ -235,7 +235,7 @@ impl DatasetArgs {
 /// One episode of a dataset split.
 #[derive(Args, Clone)]
 struct EpisodeArgs {
-    /// synthetic, omniglot or mini-imagenet.
+    /// synthetic, synthetic-rgb, omniglot or mini-imagenet.
     #[arg(long, default_value = "synthetic")]
     dataset: DatasetKind,
     #[command(flatten)]
@@ -292,7 +292,7 @@ enum DataCommand {
     },
     /// Draw one episode as a PNG grid: support row(s), then query rows, labelled.
     Preview {
-        /// synthetic, omniglot or mini-imagenet.
+        /// synthetic, synthetic-rgb, omniglot or mini-imagenet.
         dataset: DatasetKind,
         #[command(flatten)]
         location: DatasetArgs,
@@ -508,8 +508,8 @@ fn data(which: DataCommand) -> Result<()> {
                         bail!("Mini-ImageNet in {} is not complete yet: {}", dir.display(), missing)
                     }
                 }
-                DatasetKind::Synthetic => {
-                    println!("the synthetic dataset is built into metagrad; there is nothing to fetch");
+                DatasetKind::Synthetic | DatasetKind::SyntheticRgb => {
+                    println!("the {} dataset is built into metagrad; there is nothing to fetch", dataset.name());
                     Ok(())
                 }
             }

@@ -40,15 +40,15 @@ impl Conv4 {
     }
 
     /// The Conv-4 for a dataset's images: `omniglot` and `synthetic` (1×28×28,
-    /// 64 channels) or `mini-imagenet` (3×84×84, 32 channels).
+    /// 64 channels) or `mini-imagenet` and `synthetic-rgb` (3×84×84, 32 channels).
     pub fn for_dataset(dataset: &str, way: usize) -> anyhow::Result<Self> {
         if way < 2 {
             anyhow::bail!("way = {way}: a few-shot task needs at least 2 classes");
         }
         match dataset {
             "omniglot" | "synthetic" => Ok(Conv4::omniglot(way)),
-            "mini-imagenet" => Ok(Conv4::mini_imagenet(way)),
-            other => anyhow::bail!("unknown dataset '{other}': expected omniglot, mini-imagenet or synthetic"),
+            "mini-imagenet" | "synthetic-rgb" => Ok(Conv4::mini_imagenet(way)),
+            other => anyhow::bail!("unknown dataset '{other}': expected omniglot, mini-imagenet, synthetic or synthetic-rgb"),
         }
     }
 

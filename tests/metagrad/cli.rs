@@ -73,7 +73,7 @@ fn data_commands_explain_missing_data() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(!out.status.success() && text.contains("ImageNet") && text.contains(&format!("{}/images/", empty.display())), "{text}");
     let out = metagrad(&["data", "info", "imagenet"]);
-    assert!(String::from_utf8_lossy(&out.stderr).contains("expected one of synthetic, omniglot, mini-imagenet"));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("expected one of synthetic, synthetic-rgb, omniglot, mini-imagenet"));
     let out = metagrad(&["data", "preview", "synthetic", "--way", "301"]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("301-way episodes need 301 classes"));
 }
