@@ -67,8 +67,10 @@ def main():
     ap.add_argument("--modes", default="maml,fomaml")
     ap.add_argument("--workloads", default="", help="omniglot-5w1s, omniglot-20w1s, mini-imagenet-5w1s (default: all)")
     ap.add_argument("--inner-steps", default="", help="comma-separated r grid (default: each workload's own)")
+    ap.add_argument("--queries", type=int, default=0, help="query images per class (default: each workload's own)")
     args = ap.parse_args()
-    selection = (["--workloads", args.workloads] if args.workloads else []) + (["--inner-steps", args.inner_steps] if args.inner_steps else [])
+    selection = ((["--workloads", args.workloads] if args.workloads else []) + (["--inner-steps", args.inner_steps] if args.inner_steps else [])
+                 + (["--queries", str(args.queries)] if args.queries else []))
     with tempfile.TemporaryDirectory() as tmp:
         worst = check_hypergradients(args.metagrad, tmp, args.backend)
         if worst > 1e-4:
@@ -79,17 +81,17 @@ def main():
         subprocess.run([sys.executable, os.path.join(here, "pytorch_train.py"), "--device", args.device,
                         "--threads", str(args.threads), "--steps", str(args.steps), "--modes", args.modes,
                         "--json", theirs_path] + selection, check=True)
-        key = lambda r: (r["workload"], r["mode"], r["inner_steps"])  # noqa: E731
+        key = lambda r: (r["workload"], r["mode"], r["inner_steps"], r.get("queries"))  # noqa: E731
         ours = {key(r): r for r in json.load(open(ours_path))}
         theirs = {key(r): r for r in json.load(open(theirs_path))}
-    print(f"\n{'workload':<28} {'mode':<7} {'r':>3} {'metagrad it/s':>14} {'pytorch it/s':>13} {'ours/pytorch':>13}"
+    print(f"\n{'workload':<28} {'mode':<7} {'r':>3} {'queries':>7} {'metagrad it/s':>14} {'pytorch it/s':>13} {'ours/pytorch':>13}"
           f" {'metagrad MiB':>13} {'pytorch MiB':>12}")
     mib = lambda v: "n/a" if v is None else f"{v:.0f}"  # noqa: E731
     for k, r in ours.items():
         t = theirs.get(k)
         if t:
             ratio = r["meta_iterations_per_second"] / t["meta_iterations_per_second"]
-            print(f"{k[0]:<28} {k[1]:<7} {k[2]:>3} {r['meta_iterations_per_second']:>14.3f} {t['meta_iterations_per_second']:>13.3f}"
+            print(f"{k[0]:<28} {k[1]:<7} {k[2]:>3} {k[3] or '':>7} {r['meta_iterations_per_second']:>14.3f} {t['meta_iterations_per_second']:>13.3f}"
                   f" {ratio:>13.2f} {mib(r.get('peak_memory_mib')):>13} {mib(t.get('peak_memory_mib')):>12}")
 
 

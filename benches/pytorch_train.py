@@ -88,6 +88,8 @@ def main():
     ap.add_argument("--modes", default="maml,fomaml")
     ap.add_argument("--workloads", default="", help="comma-separated keys (default: all)")
     ap.add_argument("--inner-steps", default="", help="comma-separated r grid (default: each workload's own)")
+    ap.add_argument("--meta-batch", type=int, default=0, help="tasks per meta-batch (default: each workload's own)")
+    ap.add_argument("--queries", type=int, default=0, help="query images per class (default: each workload's own)")
     ap.add_argument("--json")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -99,6 +101,8 @@ def main():
     for key, name, c, s, ch, feat, way, nq, batch, own_steps, lr in WORKLOADS:
         if chosen and key not in chosen:
             continue
+        batch = args.meta_batch or batch
+        nq = args.queries or nq
         for mode in args.modes.split(","):
             for steps in grid or [own_steps]:
                 params = [p.detach().to(dev).requires_grad_() for p in conv4_params(c, ch, feat, way, gen)]
@@ -108,6 +112,7 @@ def main():
                          for _ in range(batch)]
                 baseline = start_memory(dev)
                 times = []
+                first = None
                 for i in range(args.steps + 1):
                     start = time.perf_counter()
                     meta_iteration(params, opt, tasks, steps, lr, mode == "maml")
@@ -115,12 +120,16 @@ def main():
                         torch.cuda.synchronize()
                     if i > 0:  # the first iteration is warm-up
                         times.append(time.perf_counter() - start)
+                    else:
+                        first = time.perf_counter() - start
                 seconds = statistics.median(times)
                 peak = peak_memory(dev, baseline)
-                rows.append({"workload": name, "mode": mode, "meta_batch": batch, "inner_steps": steps,
+                rows.append({"workload": name, "mode": mode, "meta_batch": batch, "queries": nq, "inner_steps": steps,
                              "backend": f"pytorch {torch.__version__} {args.device}",
                              "meta_iterations_per_second": 1 / seconds, "seconds_per_meta_iteration": seconds,
-                             "peak_memory_mib": peak})
+                             "peak_memory_mib": peak, "first_iteration_s": first,
+                             # The timed window, to read GPU utilisation sampled beside the run.
+                             "timed_s": sum(times), "finished_unix_s": time.time()})
                 print(f"{name:<28} {mode:<7} r={steps:<3} {1 / seconds:>8.3f} meta-it/s  {seconds:>8.2f} s  peak {peak:>8.0f} MiB",
                       flush=True)
                 del params, opt, tasks

@@ -1,6 +1,10 @@
-//! Choosing where tensors live: Flex on the CPU (f32 or f64) or wgpu on the
-//! GPU (f32). wgpu is the default when an adapter exists; without one,
+//! Choosing where tensors live: Flex on the CPU (f32 or f64), wgpu on the
+//! GPU (f32), or CUDA on an NVIDIA GPU (f32, in builds with the `cuda`
+//! feature). wgpu is the default when a hardware adapter exists; without one,
 //! metagrad says so in one line and runs on the CPU instead of panicking.
+//!
+//! wgpu and CUDA are two runtimes of the same Burn backend type
+//! (`CubeBackend`): only the device differs, so every job runs on either.
 
 use std::sync::OnceLock;
 
@@ -18,6 +22,9 @@ pub const BACKEND_ENV: &str = "METAGRAD_BACKEND";
 pub enum BackendKind {
     Cpu,
     Wgpu,
+    /// Burn's CUDA runtime; present in every build so that asking for it in
+    /// a build without the `cuda` feature says how to get it.
+    Cuda,
 }
 
 impl BackendKind {
@@ -25,7 +32,13 @@ impl BackendKind {
         match self {
             BackendKind::Cpu => "cpu",
             BackendKind::Wgpu => "wgpu",
+            BackendKind::Cuda => "cuda",
         }
+    }
+
+    /// Whether tensors of this backend live on a GPU (f32 only, lazy queue).
+    pub fn is_gpu(self) -> bool {
+        self != BackendKind::Cpu
     }
 }
 
@@ -35,7 +48,8 @@ impl std::str::FromStr for BackendKind {
         match s.to_ascii_lowercase().as_str() {
             "cpu" | "flex" => Ok(BackendKind::Cpu),
             "wgpu" | "gpu" => Ok(BackendKind::Wgpu),
-            other => Err(format!("unknown backend '{other}': expected wgpu or cpu")),
+            "cuda" => Ok(BackendKind::Cuda),
+            other => Err(format!("unknown backend '{other}': expected wgpu, cuda or cpu")),
         }
     }
 }
@@ -115,8 +129,12 @@ pub fn select(requested: Option<BackendKind>, precision: Option<Precision>) -> R
     let has_adapter = || !wgpu_adapters().is_empty();
     let has_hardware_adapter = || wgpu_adapters().iter().any(|a| !a.software);
     match (requested, precision) {
-        (Some(BackendKind::Wgpu), Some(Precision::F64)) => bail!(
-            "f64 is not available on wgpu (GPU shaders here compute in f32); use --backend cpu --precision f64, or --precision f32 on wgpu"
+        (Some(kind), Some(Precision::F64)) if kind.is_gpu() => bail!(
+            "f64 is not available on {} (GPU kernels here compute in f32); use --backend cpu --precision f64, or --precision f32 on the GPU",
+            kind.name()
+        ),
+        (Some(BackendKind::Cuda), _) if !cfg!(feature = "cuda") => bail!(
+            "this metagrad was built without CUDA: rebuild with `cargo build --release --features cuda` (the NVIDIA driver and libnvrtc are loaded at run time), or use --backend wgpu"
         ),
         (Some(BackendKind::Wgpu), _) if !has_adapter() => bail!(
             "no wgpu adapter found (no Vulkan, Metal, DX12 or OpenGL driver): install a GPU driver (on Debian/Ubuntu without a GPU, `apt-get install mesa-vulkan-drivers` gives a software one) or use --backend cpu"
@@ -146,17 +164,56 @@ pub fn wgpu_device() -> CubeDevice {
     CubeDevice::from(WgpuDevice::new(WgpuDeviceKind::DefaultDevice))
 }
 
+/// The first CUDA device (the GPU that `CUDA_VISIBLE_DEVICES` puts first).
+#[cfg(feature = "cuda")]
+pub fn cuda_device() -> CubeDevice {
+    CubeDevice::Cuda(burn::backend::cuda::CudaDevice::new(0))
+}
+
 pub fn dispatch<J: OnBackend>(selection: Selection, job: J) -> J::Output {
     match selection.kind {
         BackendKind::Cpu => job.run::<Flex>(FlexDevice, selection.precision),
         BackendKind::Wgpu => job.run::<CubeBackend>(wgpu_device(), selection.precision),
+        #[cfg(feature = "cuda")]
+        BackendKind::Cuda => job.run::<CubeBackend>(cuda_device(), selection.precision),
+        #[cfg(not(feature = "cuda"))]
+        BackendKind::Cuda => unreachable!("select() refuses cuda in a build without the cuda feature"),
+    }
+}
+
+/// The GPU backends compiled into this binary, as `metagrad devices` names them.
+pub fn gpu_builds() -> Vec<&'static str> {
+    let mut built = vec![if cfg!(feature = "vulkan") {
+        "wgpu (SPIR-V on Vulkan adapters, WGSL elsewhere; `vulkan` feature)"
+    } else {
+        "wgpu (WGSL shaders)"
+    }];
+    if cfg!(feature = "cuda") {
+        built.push("cuda (`cuda` feature)");
+    }
+    built
+}
+
+/// The CUDA device's name, or why there is none: initialising the runtime
+/// panics without a driver, so the attempt is fenced.
+#[cfg(feature = "cuda")]
+fn cuda_report() -> String {
+    let probe = std::panic::catch_unwind(|| {
+        let client = cuda_device().client();
+        client.properties().identity.name.clone()
+    });
+    match probe {
+        Ok(name) => format!("cuda  [0] {name}  (use --backend cuda)\n"),
+        Err(_) => "cuda  no CUDA device: the NVIDIA driver (libcuda) or libnvrtc could not be loaded\n".to_string(),
     }
 }
 
 /// The report `metagrad devices` prints.
 pub fn devices_report() -> String {
-    let mut out = String::new();
+    let mut out = format!("built with: cpu (Flex), {}\n", gpu_builds().join(", "));
     out.push_str("cpu   Flex (Burn's CPU backend): f32 and f64, always available\n");
+    #[cfg(feature = "cuda")]
+    out.push_str(&cuda_report());
     let adapters = wgpu_adapters();
     if adapters.is_empty() {
         out.push_str(

@@ -407,6 +407,8 @@ pub struct TrainRow {
     /// The meta-batch as one stacked network (true) or task by task.
     pub batched: bool,
     pub meta_batch: usize,
+    /// Query images per class.
+    pub queries: usize,
     pub inner_steps: usize,
     pub meta_iterations_per_second: f64,
     pub seconds_per_meta_iteration: f64,
@@ -425,6 +427,16 @@ pub struct TrainRow {
     pub backward_s: f64,
     pub hvp_reverse_s: f64,
     pub hypergradient_other_s: f64,
+    /// Whether the four fields above were measured (`--no-phase-split` leaves them 0).
+    pub phase_split: bool,
+    /// Seconds of the first (warm-up) meta-iteration: on a GPU, kernel
+    /// compilation and autotuning land here.
+    pub first_iteration_s: f64,
+    /// Wall seconds of the timed meta-iterations, which ended at
+    /// `finished_unix_s` (Unix time): the window in which to read GPU
+    /// utilisation sampled beside the run.
+    pub timed_s: f64,
+    pub finished_unix_s: f64,
     /// Peak memory of the training run above its start, and where it was read.
     pub peak_memory_mib: Option<f64>,
     pub memory_source: String,
@@ -469,6 +481,14 @@ pub struct TrainBench {
     /// (and iMAML's proximal steps for implicit).
     pub inner_steps: Vec<usize>,
     pub batched: bool,
+    /// Split each meta-iteration's hypergradient time into forward, backward
+    /// and HVP (waits for the device at every phase boundary).
+    pub phase_split: bool,
+    /// Tasks per meta-batch instead of each workload's own (smoke runs).
+    pub meta_batch: Option<usize>,
+    /// Query images per class instead of each workload's own (15): the MAML
+    /// paper's Omniglot runs use as many queries as shots.
+    pub queries: Option<usize>,
 }
 
 /// A training job that also reports its peak memory on the backend it runs on.
@@ -496,7 +516,7 @@ pub fn train_bench(bench: &TrainBench) -> anyhow::Result<Vec<TrainRow>> {
     }
     let dir = std::env::temp_dir().join(format!("metagrad-bench-train-{}", std::process::id()));
     let mut rows = Vec::new();
-    crate::profile::set_enabled(true);
+    crate::profile::set_enabled(bench.phase_split);
     for w in TRAIN_WORKLOADS.iter().filter(|w| bench.workloads.is_empty() || bench.workloads.iter().any(|k| k == w.key)) {
         let split = Arc::new(stand_in_split(w.classes, w.per_class, w.image_shape));
         for mode in &bench.modes {
@@ -513,10 +533,10 @@ pub fn train_bench(bench: &TrainBench) -> anyhow::Result<Vec<TrainRow>> {
                     w.key,
                     w.dataset,
                     w.way,
-                    w.queries,
+                    bench.queries.unwrap_or(w.queries),
                     if bench.batched { "on" } else { "off" },
                     bench.steps + 1,
-                    w.meta_batch,
+                    bench.meta_batch.unwrap_or(w.meta_batch),
                     dir.display()
                 );
                 let config = crate::config::Config::parse(&text, &[], "benchmark")?;
@@ -530,8 +550,9 @@ pub fn train_bench(bench: &TrainBench) -> anyhow::Result<Vec<TrainRow>> {
                     task_batching: bench.batched,
                 };
                 let (outcome, peak_memory_mib, memory_source) = crate::backend::dispatch(bench.selection, MeasuredTrain(job))?;
-                let row = train_row(w, mode, r, bench, &outcome.timings[1..], peak_memory_mib, memory_source);
-                eprintln!("{} {mode} r={r}: {:.3} meta-iterations/s", w.name, row.meta_iterations_per_second);
+                let mut row = train_row(w, mode, r, bench, &outcome.timings, peak_memory_mib, memory_source);
+                row.finished_unix_s = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
+                eprintln!("{} {mode} r={r}: {:.3} meta-iterations/s (first meta-iteration {:.1} s)", w.name, row.meta_iterations_per_second, row.first_iteration_s);
                 rows.push(row);
             }
         }
@@ -541,8 +562,12 @@ pub fn train_bench(bench: &TrainBench) -> anyhow::Result<Vec<TrainRow>> {
     Ok(rows)
 }
 
-/// Means over the timed meta-iterations (the first one, a warm-up, is left out).
-fn train_row(w: &TrainWorkload, mode: &str, r: usize, bench: &TrainBench, timed: &[crate::train::StepTiming], peak_memory_mib: Option<f64>, memory_source: String) -> TrainRow {
+/// Means over the timed meta-iterations; the first one, a warm-up (on a GPU
+/// it compiles and autotunes the kernels), is reported on its own.
+fn train_row(w: &TrainWorkload, mode: &str, r: usize, bench: &TrainBench, timings: &[crate::train::StepTiming], peak_memory_mib: Option<f64>, memory_source: String) -> TrainRow {
+    let total = |t: &crate::train::StepTiming| t.data_s + t.hypergradient_s + t.optimizer_s + t.other_s;
+    let first_iteration_s = total(&timings[0]);
+    let timed = &timings[1..];
     let mean = |f: &dyn Fn(&crate::train::StepTiming) -> f64| timed.iter().map(f).sum::<f64>() / timed.len() as f64;
     let (data_s, hypergradient_s, optimizer_s, other_s) = (mean(&|t| t.data_s), mean(&|t| t.hypergradient_s), mean(&|t| t.optimizer_s), mean(&|t| t.other_s));
     // Phase counters hold thread time; the tasks' own total scales them to wall time.
@@ -555,7 +580,8 @@ fn train_row(w: &TrainWorkload, mode: &str, r: usize, bench: &TrainBench, timed:
         backend: bench.selection.kind.name().to_string(),
         mode: mode.to_string(),
         batched: bench.batched,
-        meta_batch: w.meta_batch,
+        meta_batch: bench.meta_batch.unwrap_or(w.meta_batch),
+        queries: bench.queries.unwrap_or(w.queries),
         inner_steps: r,
         meta_iterations_per_second: 1.0 / seconds,
         seconds_per_meta_iteration: seconds,
@@ -567,6 +593,10 @@ fn train_row(w: &TrainWorkload, mode: &str, r: usize, bench: &TrainBench, timed:
         backward_s,
         hvp_reverse_s,
         hypergradient_other_s: (hypergradient_s - forward_s - backward_s - hvp_reverse_s).max(0.0),
+        phase_split: bench.phase_split,
+        first_iteration_s,
+        timed_s: timed.iter().map(total).sum(),
+        finished_unix_s: 0.0,
         peak_memory_mib,
         memory_source,
     }
@@ -574,14 +604,15 @@ fn train_row(w: &TrainWorkload, mode: &str, r: usize, bench: &TrainBench, timed:
 
 pub fn format_train_table(rows: &[TrainRow]) -> String {
     let mut out = format!(
-        "{:<27} {:<7} {:<8} {:<7} {:>5} {:>3} {:>9} {:>9} {:>6} {:>6} {:>6} {:>6} {:>6} {:>6} {:>6} {:>9}\n",
-        "workload", "backend", "mode", "batched", "tasks", "r", "meta-it/s", "s/meta-it", "data", "fwd", "bwd", "hvp", "hg-oth", "adam", "other", "peak MiB"
+        "{:<27} {:<7} {:<8} {:<7} {:>5} {:>3} {:>9} {:>9} {:>6} {:>6} {:>6} {:>6} {:>6} {:>6} {:>6} {:>9} {:>8}\n",
+        "workload", "backend", "mode", "batched", "tasks", "r", "meta-it/s", "s/meta-it", "data", "fwd", "bwd", "hvp", "hg-oth", "adam", "other", "peak MiB", "first s"
     );
     for r in rows {
         let pct = |v: f64| format!("{:.0}%", 100.0 * v / r.seconds_per_meta_iteration);
+        let split = |v: f64| if r.phase_split { pct(v) } else { "-".to_string() };
         let mem = r.peak_memory_mib.map(|m| format!("{m:.0}")).unwrap_or_else(|| "n/a".into());
         out.push_str(&format!(
-            "{:<27} {:<7} {:<8} {:<7} {:>5} {:>3} {:>9.3} {:>9.2} {:>6} {:>6} {:>6} {:>6} {:>6} {:>6} {:>6} {:>9}\n",
+            "{:<27} {:<7} {:<8} {:<7} {:>5} {:>3} {:>9.3} {:>9.2} {:>6} {:>6} {:>6} {:>6} {:>6} {:>6} {:>6} {:>9} {:>8.1}\n",
             r.workload,
             r.backend,
             r.mode,
@@ -591,13 +622,14 @@ pub fn format_train_table(rows: &[TrainRow]) -> String {
             r.meta_iterations_per_second,
             r.seconds_per_meta_iteration,
             pct(r.data_s),
-            pct(r.forward_s),
-            pct(r.backward_s),
-            pct(r.hvp_reverse_s),
-            pct(r.hypergradient_other_s),
+            split(r.forward_s),
+            split(r.backward_s),
+            split(r.hvp_reverse_s),
+            split(r.hypergradient_other_s),
             pct(r.optimizer_s),
             pct(r.other_s),
-            mem
+            mem,
+            r.first_iteration_s
         ));
     }
     out

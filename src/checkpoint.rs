@@ -118,7 +118,7 @@ impl Checkpoint {
 
     /// Read a checkpoint folder, naming the file that is missing or broken.
     pub fn read(dir: &Path) -> Result<Checkpoint> {
-        let hint = "resume from an older step folder next to it instead (--resume <its path>)";
+        let hint = "use an older step folder next to it instead";
         let file = |name: &str| {
             let p = dir.join(name);
             if p.is_file() { Ok(p) } else { bail!("checkpoint {} is incomplete: {name} is missing; {hint}", dir.display()) }
@@ -131,7 +131,8 @@ impl Checkpoint {
         let config = Config::load(&file(CONFIG)?, &[]).with_context(|| format!("checkpoint {}: {CONFIG} is unreadable; {hint}", dir.display()))?;
         let params = read_safetensors(&file(PARAMS)?).with_context(|| format!("checkpoint {}: {hint}", dir.display()))?;
         let optimizer = read_safetensors(&file(OPTIMIZER)?).with_context(|| format!("checkpoint {}: {hint}", dir.display()))?;
-        let metrics = fs::read_to_string(file(METRICS)?)?;
+        let metrics = fs::read_to_string(file(METRICS)?)
+            .with_context(|| format!("checkpoint {}: {METRICS} is corrupt (not UTF-8 text); {hint}", dir.display()))?;
         Ok(Checkpoint { config, state, params, optimizer, metrics })
     }
 }
@@ -148,6 +149,35 @@ pub fn pointer(run_dir: &Path, which: &str) -> Option<PathBuf> {
     dir.is_dir().then_some(dir)
 }
 
+/// The newest complete step folder of a run (one with its state written
+/// last), whatever `latest` says: a process killed between renaming a step
+/// folder into place and updating `latest` leaves exactly this case.
+pub fn newest_step(run_dir: &Path) -> Option<PathBuf> {
+    let mut steps: Vec<PathBuf> = fs::read_dir(run_dir)
+        .ok()?
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("step-"))
+        .map(|e| e.path())
+        .filter(|p| p.join(STATE).is_file())
+        .collect();
+    steps.sort();
+    steps.pop()
+}
+
+/// The checkpoint a run continues from: what `latest` names, or the newest
+/// complete step folder when `latest` is missing or names none. (A newer
+/// folder than `latest` may also be an abandoned branch, after a resume from
+/// an older step, so `latest` wins when it is valid.)
+pub fn latest_of(run_dir: &Path) -> Option<PathBuf> {
+    pointer(run_dir, "latest").filter(|d| d.join(STATE).is_file()).or_else(|| newest_step(run_dir))
+}
+
+/// The run folder a checkpoint folder belongs to: the folder that holds it.
+pub fn run_dir_of(checkpoint_dir: &Path) -> PathBuf {
+    let absolute = std::path::absolute(checkpoint_dir).unwrap_or_else(|_| checkpoint_dir.to_path_buf());
+    absolute.parent().map_or_else(|| PathBuf::from("."), Path::to_path_buf)
+}
+
 /// A checkpoint folder from what the user typed: a checkpoint folder, a run
 /// folder or a run name (their `latest`), or, with nothing, `default_run`'s latest.
 pub fn resolve(arg: Option<&str>, checkpoint_root: &Path, default_run: &Path) -> Result<PathBuf> {
@@ -159,10 +189,11 @@ pub fn resolve(arg: Option<&str>, checkpoint_root: &Path, default_run: &Path) ->
         if c.join(STATE).is_file() {
             return Ok(c.clone());
         }
+        if let Some(dir) = latest_of(c) {
+            return Ok(dir);
+        }
         if c.join("latest").is_file() {
-            return pointer(c, "latest").ok_or_else(|| {
-                anyhow::anyhow!("{}/latest names a checkpoint folder that does not exist; pass a step folder with --resume", c.display())
-            });
+            bail!("{}/latest names a checkpoint folder that does not exist, and the run has no complete step folder", c.display());
         }
     }
     bail!(
@@ -178,8 +209,10 @@ pub fn prune(run_dir: &Path, keep: usize, protect: &[PathBuf]) -> Result<()> {
     let mut steps = Vec::new();
     for entry in fs::read_dir(run_dir)?.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
-        if name.starts_with(".step-") && !name.ends_with(&format!("tmp-{}", std::process::id())) {
-            let _ = fs::remove_dir_all(entry.path());
+        let leftover = name.starts_with(".step-") || name.starts_with(".latest.tmp-") || name.starts_with(".best.tmp-");
+        if leftover && !name.ends_with(&format!("tmp-{}", std::process::id())) {
+            // Another process's temporary: only the lock holder writes here, so it is dead.
+            let _ = fs::remove_dir_all(entry.path()).or_else(|_| fs::remove_file(entry.path()));
         } else if name.starts_with("step-") {
             steps.push(entry.path());
         }
@@ -192,4 +225,47 @@ pub fn prune(run_dir: &Path, keep: usize, protect: &[PathBuf]) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Exclusive ownership of a run folder for the life of a training process:
+/// an advisory lock on `<run>/lock` (released by the OS when the process
+/// ends, however it ends), with the owner's pid written inside for the
+/// message another process gets.
+#[derive(Debug)]
+pub struct RunLock {
+    _file: fs::File,
+}
+
+impl RunLock {
+    pub fn acquire(run_dir: &Path) -> Result<RunLock> {
+        use std::io::{Read, Seek, Write};
+        fs::create_dir_all(run_dir).with_context(|| format!("cannot create the run folder {}", run_dir.display()))?;
+        let path = run_dir.join("lock");
+        let mut file = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .open(&path)
+            .with_context(|| format!("cannot open the run lock {}", path.display()))?;
+        match file.try_lock() {
+            Ok(()) => {
+                file.set_len(0)?;
+                file.seek(std::io::SeekFrom::Start(0))?;
+                write!(file, "{}", std::process::id())?;
+                Ok(RunLock { _file: file })
+            }
+            Err(fs::TryLockError::WouldBlock) => {
+                let mut owner = String::new();
+                let _ = file.read_to_string(&mut owner);
+                bail!(
+                    "run {} is being trained by another metagrad process (pid {}); wait for it to finish or stop it (Ctrl-C, or kill {}) before training this run again",
+                    run_dir.display(),
+                    owner.trim(),
+                    owner.trim()
+                )
+            }
+            Err(fs::TryLockError::Error(e)) => Err(e).with_context(|| format!("cannot lock {}", path.display())),
+        }
+    }
 }

@@ -68,9 +68,15 @@ pub struct TrainConfig {
     /// Meta-iterations of first-order (fomaml) updates before the selected mode takes over.
     pub first_order_warmup: usize,
     /// on: run the meta-batch as one stacked network (grouped convolutions);
-    /// off: task by task; auto: stacked on wgpu, task by task on the CPU,
+    /// off: task by task; auto: stacked on the GPU, task by task on the CPU,
     /// where Flex's grouped convolution is slower than separate ones.
     pub task_batching: String,
+    /// Divergence guard: a meta-iteration or validation whose query loss is
+    /// above this many times the run's first meta-iteration loss (or not
+    /// finite) stops training with an error, and no checkpoint is written
+    /// for parameters that have not passed the check. 0 keeps only the
+    /// non-finite check.
+    pub divergence_factor: f64,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -156,6 +162,7 @@ impl Default for TrainConfig {
             grad_clip: 0.0,
             first_order_warmup: 0,
             task_batching: "auto".into(),
+            divergence_factor: 1e4,
         }
     }
 }
@@ -271,7 +278,7 @@ impl Config {
         match self.train.task_batching.as_str() {
             "on" => true,
             "off" => false,
-            _ => backend == crate::backend::BackendKind::Wgpu,
+            _ => backend.is_gpu(),
         }
     }
 
@@ -292,6 +299,9 @@ impl Config {
         if !(t.grad_clip.is_finite() && t.grad_clip >= 0.0) {
             bail!("key `train.grad_clip` = {}: use a norm > 0, or 0 for no clipping", t.grad_clip);
         }
+        if !(t.divergence_factor.is_finite() && (t.divergence_factor == 0.0 || t.divergence_factor > 1.0)) {
+            bail!("key `train.divergence_factor` = {}: use a factor > 1 (default 1e4), or 0 to check only for non-finite losses", t.divergence_factor);
+        }
         if self.eval.every > 0 && (self.eval.episodes == 0 || self.eval.inner_steps == 0) {
             bail!("keys `eval.episodes` and `eval.inner_steps` must be ≥ 1 when `eval.every` > 0");
         }
@@ -301,8 +311,8 @@ impl Config {
         if !["auto", "on", "off"].contains(&self.train.task_batching.as_str()) {
             bail!("key `train.task_batching` = '{}': expected auto, on or off", self.train.task_batching);
         }
-        if !["auto", "cpu", "wgpu"].contains(&self.run.backend.as_str()) {
-            bail!("key `run.backend` = '{}': expected auto, cpu or wgpu", self.run.backend);
+        if !["auto", "cpu", "wgpu", "cuda"].contains(&self.run.backend.as_str()) {
+            bail!("key `run.backend` = '{}': expected auto, cpu, wgpu or cuda", self.run.backend);
         }
         if !["f32", "f64"].contains(&self.run.precision.as_str()) {
             bail!("key `run.precision` = '{}': expected f32 or f64", self.run.precision);
@@ -310,8 +320,28 @@ impl Config {
         Ok(())
     }
 
-    /// The settings that decide the network's shape; a checkpoint only resumes under the same ones.
-    pub fn architecture(&self) -> (DatasetKind, usize, usize) {
-        (self.data.dataset, self.data.way, self.model.channels)
+    /// The settings that define the model and the task, which a run must
+    /// keep when it resumes: each one that differs, as (key, this run's
+    /// value, other's value).
+    pub fn identity_differences(&self, other: &Config) -> Vec<(&'static str, String, String)> {
+        let (a, b) = (self, other);
+        let keys: [(&'static str, String, String); 9] = [
+            ("data.dataset", a.data.dataset.name().to_string(), b.data.dataset.name().to_string()),
+            ("data.way", a.data.way.to_string(), b.data.way.to_string()),
+            ("data.shot", a.data.shot.to_string(), b.data.shot.to_string()),
+            ("data.queries", a.data.queries.to_string(), b.data.queries.to_string()),
+            ("data.split_scheme", a.data.split_scheme.clone(), b.data.split_scheme.clone()),
+            ("data.rotations", a.data.rotations.to_string(), b.data.rotations.to_string()),
+            ("data.split_seed", a.data.split_seed.to_string(), b.data.split_seed.to_string()),
+            ("model.channels", a.model.channels.to_string(), b.model.channels.to_string()),
+            ("run.precision", a.run.precision.clone(), b.run.precision.clone()),
+        ];
+        keys.into_iter().filter(|(_, x, y)| x != y).collect()
+    }
+
+    /// The loss above which training counts as diverged, given the run's
+    /// first meta-iteration loss.
+    pub fn divergence_threshold(&self, reference_loss: f64) -> f64 {
+        if self.train.divergence_factor > 0.0 { self.train.divergence_factor * reference_loss.max(1e-3) } else { f64::INFINITY }
     }
 }

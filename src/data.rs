@@ -64,7 +64,7 @@ impl Split {
         }
         if way > self.classes.len() {
             bail!(
-                "{way}-way episodes need {way} classes but the {} split has {}; use --way {} or fewer",
+                "{way}-way episodes need {way} classes but the {} split has {}; ask for {} classes or fewer (data.way in a config, --way on data and export commands)",
                 self.name,
                 self.classes.len(),
                 self.classes.len()
@@ -73,7 +73,7 @@ impl Split {
         let least = self.min_images_per_class();
         if shot + queries > least {
             bail!(
-                "{shot}-shot episodes with {queries} queries need {} images per class but some class of the {} split has only {least}; lower --shot or --queries so that shot + queries ≤ {least}",
+                "{shot}-shot episodes with {queries} queries need {} images per class but some class of the {} split has only {least}; lower the shot or the queries (data.shot / data.queries in a config, --shot / --queries on data and export commands) so that shot + queries ≤ {least}",
                 shot + queries,
                 self.name
             );

@@ -93,9 +93,10 @@ where
     (lower(loss), grads, hv)
 }
 
-/// Σ_i ⟨a_i, b_i⟩ over lists of tensors, read back to the host.
+/// Σ_i ⟨a_i, b_i⟩ over lists of tensors, summed on the device and read back
+/// once (a read per tensor would wait for a GPU once per parameter).
 pub fn dot_all<B: Level>(a: &[Tensor<B>], b: &[Tensor<B>]) -> f64 {
-    a.iter().zip(b).map(|(x, y)| x.dot(y).item()).sum()
+    a.iter().zip(b).map(|(x, y)| x.dot(y)).reduce(|s, d| s.add(&d)).map_or(0.0, |s| s.item())
 }
 
 /// ‖a‖ over a list of tensors.

@@ -34,6 +34,8 @@ pub mod dataset;
 pub mod diff;
 pub mod episode;
 pub mod fetch;
+pub mod fixed_episodes;
+
 pub mod hypergrad;
 pub mod mini_imagenet;
 pub mod model;

@@ -44,6 +44,16 @@ struct BackendArgs {
 }
 
 impl BackendArgs {
+    /// Put the flags that were given into a config's [run] section.
+    fn apply_to(&self, config: &mut Config) {
+        if let Some(kind) = self.backend {
+            config.run.backend = kind.name().to_string();
+        }
+        if let Some(precision) = self.precision {
+            config.run.precision = precision.name().to_string();
+        }
+    }
+
     fn select(&self) -> Result<Selection> {
         let (selection, note) = backend::select(self.backend, self.precision)?;
         if let Some(note) = note {
@@ -176,6 +186,9 @@ struct TrainArgs {
     /// No progress bar (a log line per validation instead).
     #[arg(long)]
     quiet: bool,
+    /// Overrides run.backend and run.precision of the config.
+    #[command(flatten)]
+    backend: BackendArgs,
 }
 
 #[derive(Args)]
@@ -196,7 +209,15 @@ struct EvalArgs {
     /// Dataset root, when it is elsewhere than where the run was trained.
     #[arg(long)]
     data_dir: Option<PathBuf>,
-    /// Where to write the result as JSON (default: <checkpoint>/eval-<split>.json).
+    /// Evaluate fixed episodes from image folders instead of sampling:
+    /// DIR/<episode>/support/<class>/*.png and DIR/<episode>/query/<class>/*.png,
+    /// or Omniglot's one-shot runs (runNN/training, runNN/test, runNN/class_labels.txt).
+    /// The images get the checkpoint's dataset preprocessing.
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["split", "seed"])]
+    episodes_from: Option<PathBuf>,
+    /// Where to write the result as JSON (default:
+    /// <checkpoint>/eval-<split>-<episodes>ep-<inner steps>steps-seed<seed>.json,
+    /// so evaluations with other settings never replace each other).
     #[arg(long)]
     out: Option<PathBuf>,
     #[arg(long, default_value = "checkpoints")]
@@ -329,9 +350,19 @@ enum BenchCommand {
         /// Inner steps to run every case with, comma-separated (default: each workload's own).
         #[arg(long, value_delimiter = ',')]
         inner_steps: Vec<usize>,
-        /// Task batching: auto (stacked on wgpu, task by task on the CPU), on or off.
+        /// Task batching: auto (stacked on the GPU, task by task on the CPU), on or off.
         #[arg(long, default_value = "auto")]
         task_batching: String,
+        /// Do not split the time into phases: the split waits for the device
+        /// around every forward and reverse pass, which slows a GPU down.
+        #[arg(long)]
+        no_phase_split: bool,
+        /// Tasks per meta-batch for every workload (default: each workload's own).
+        #[arg(long)]
+        meta_batch: Option<usize>,
+        /// Query images per class for every workload (default: each workload's own, 15 or 5).
+        #[arg(long)]
+        queries: Option<usize>,
         #[arg(long)]
         json: Option<PathBuf>,
     },
@@ -549,19 +580,21 @@ fn backend_of(config: &Config) -> Result<Selection> {
     BackendArgs { backend: kind, precision: Some(config.run.precision.parse().map_err(anyhow::Error::msg)?) }.select()
 }
 
-fn train(args: TrainArgs) -> Result<()> {
+fn train(args: TrainArgs) -> Result<ExitCode> {
     let fresh = args.config.as_deref().map(|p| Config::load(p, &args.set)).transpose()?;
     let (config, resume) = match &args.resume {
         None => {
-            let config = match fresh {
+            let mut config = match fresh {
                 Some(c) => c,
                 None => default_config(&args.set)?,
             };
-            if checkpoint::pointer(&config.run_dir(), "latest").is_some() {
+            args.backend.apply_to(&mut config);
+            if checkpoint::latest_of(&config.run_dir()).is_some() {
                 bail!(
-                    "run '{}' already has checkpoints in {}; continue it with --resume, or start another with --set run.name=<new name>",
+                    "run '{}' already has checkpoints in {}; continue it with --resume {}, or start another with --set run.name=<new name>",
                     config.run.name,
-                    config.run_dir().display()
+                    config.run_dir().display(),
+                    config.run.name
                 );
             }
             (config, None)
@@ -574,22 +607,23 @@ fn train(args: TrainArgs) -> Result<()> {
             let root = PathBuf::from(&reference.checkpoint.dir);
             let dir = checkpoint::resolve((!arg.is_empty()).then_some(arg.as_str()), &root, &reference.run_dir())?;
             let saved = Checkpoint::read(&dir)?;
-            let config = match fresh {
+            let mut config = match fresh {
                 Some(c) => c,
                 None => Config::parse(&saved.config.to_toml(), &args.set, &format!("{}/config.toml", dir.display()))?,
             };
-            if config.architecture() != saved.config.architecture() {
+            args.backend.apply_to(&mut config);
+            if let Some((key, saved_value, value)) = saved.config.identity_differences(&config).into_iter().next() {
                 bail!(
-                    "checkpoint {} is a {} {}-way Conv-4 (model.channels = {}), but the config is for {} {}-way (model.channels = {}); resume with the run's own config (leave out --config)",
-                    dir.display(),
-                    saved.config.data.dataset.name(),
-                    saved.config.data.way,
-                    saved.config.model.channels,
-                    config.data.dataset.name(),
-                    config.data.way,
-                    config.model.channels
+                    "cannot resume {}: it was trained with {key} = {saved_value}, but the config asks for {key} = {value}, which changes the model or the task; resume with the run's own value (leave out --config, or --set {key}={saved_value}), or start a new run",
+                    dir.display()
                 );
             }
+            // The run continues where its checkpoint is, whatever name or
+            // folder its config (or the one given) says: a copied or moved
+            // run never writes into the original.
+            let run_dir = checkpoint::run_dir_of(&dir);
+            config.run.name = run_dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| config.run.name.clone());
+            config.checkpoint.dir = run_dir.parent().map_or_else(|| ".".to_string(), |p| p.display().to_string());
             eprintln!("resuming {} from step {}", dir.display(), saved.state.step);
             (config, Some(saved))
         }
@@ -625,12 +659,18 @@ fn train(args: TrainArgs) -> Result<()> {
         println!("checkpoint: {}", latest.display());
     }
     println!("metrics:    {}", outcome.run_dir.join("metrics.jsonl").display());
-    if outcome.interrupted {
-        println!("continue with: metagrad train --resume {}", outcome.run_dir.display());
-    } else {
-        println!("evaluate with: metagrad eval --checkpoint {}", outcome.run_dir.display());
+    let run_dir = std::path::absolute(&outcome.run_dir).unwrap_or(outcome.run_dir.clone());
+    if !outcome.interrupted {
+        println!("evaluate with: metagrad eval --checkpoint {}", run_dir.display());
+        return Ok(ExitCode::SUCCESS);
     }
-    Ok(())
+    if outcome.latest.is_some() {
+        println!("continue with: metagrad train --resume {}", run_dir.display());
+    } else {
+        println!("stopped before the first meta-iteration finished: nothing was saved, so start the run again with the same command");
+    }
+    // 128 + SIGINT, as shells report a process stopped by Ctrl-C.
+    Ok(ExitCode::from(130))
 }
 
 fn eval(args: EvalArgs) -> Result<()> {
@@ -654,9 +694,47 @@ fn eval(args: EvalArgs) -> Result<()> {
     let config = saved.config.clone();
     let selection = args.backend.select()?;
     let inner_steps = args.inner_steps.unwrap_or(config.eval.inner_steps);
-    eprintln!("evaluating {} (step {step}) on {} {} episodes, {inner_steps} inner steps, {}", dir.display(), args.episodes, args.split, selection.describe());
-    let job = EvalJob { checkpoint: saved, split: args.split.clone(), episodes: args.episodes, inner_steps: args.inner_steps, seed: args.seed, progress: true };
-    let summary = backend::dispatch(selection, job)?;
+    let fixed = args.episodes_from.as_deref().map(|d| metagrad::fixed_episodes::read(d, config.data.dataset)).transpose()?;
+    let source = match (&fixed, &args.episodes_from) {
+        (Some(f), Some(d)) => format!("{} fixed episodes from {}", f.len(), d.display()),
+        _ => format!("{} {} episodes", args.episodes, args.split),
+    };
+    eprintln!("evaluating {} (step {step}) on {source}, {inner_steps} inner steps, {}", dir.display(), selection.describe());
+    let job = EvalJob { checkpoint: saved, split: args.split.clone(), episodes: args.episodes, fixed, inner_steps: args.inner_steps, seed: args.seed, progress: true };
+    let outcome = backend::dispatch(selection, job)?;
+    let summary = outcome.summary;
+    for e in &outcome.per_episode {
+        println!("  {:<24} {:>3}-way, {:>3} queries: accuracy {:6.2}%, query loss {:.4}", e.name, e.way, e.queries, 100.0 * e.accuracy, e.loss);
+    }
+    if let Some(d) = &args.episodes_from {
+        println!(
+            "fixed episodes ({}): accuracy {:.2}% ± {:.2}% (95% CI over {} episodes, {inner_steps} inner steps), query loss {:.4}",
+            d.display(),
+            100.0 * summary.accuracy,
+            100.0 * summary.ci95,
+            summary.episodes,
+            summary.loss
+        );
+        let name = d.file_name().map_or_else(|| "episodes".to_string(), |n| n.to_string_lossy().into_owned());
+        let out = args.out.unwrap_or_else(|| dir.join(format!("eval-fixed-{name}-{inner_steps}steps.json")));
+        let record = serde_json::json!({
+            "checkpoint": dir.display().to_string(),
+            "step": step,
+            "dataset": config.data.dataset.name(),
+            "episodes_from": d.display().to_string(),
+            "mode": config.mode.name,
+            "inner_steps": inner_steps,
+            "inner_lr": config.train.inner_lr,
+            "episodes": summary.episodes,
+            "accuracy": summary.accuracy,
+            "ci95": summary.ci95,
+            "loss": summary.loss,
+            "per_episode": outcome.per_episode,
+        });
+        metagrad::store::write_atomic(&out, (serde_json::to_string_pretty(&record)? + "\n").as_bytes())?;
+        println!("wrote {}", out.display());
+        return Ok(());
+    }
     println!(
         "{} accuracy {:.2}% ± {:.2}% (95% CI over {} episodes; {} {}-way {}-shot, {inner_steps} inner steps), query loss {:.4}",
         args.split,
@@ -668,7 +746,7 @@ fn eval(args: EvalArgs) -> Result<()> {
         config.data.shot,
         summary.loss
     );
-    let out = args.out.unwrap_or_else(|| dir.join(format!("eval-{}.json", args.split)));
+    let out = args.out.unwrap_or_else(|| dir.join(format!("eval-{}-{}ep-{inner_steps}steps-seed{}.json", args.split, summary.episodes, args.seed)));
     let record = serde_json::json!({
         "checkpoint": dir.display().to_string(),
         "step": step,
@@ -706,8 +784,16 @@ fn plot(run: &str, out: &std::path::Path, checkpoint_dir: &std::path::Path) -> R
     Ok(())
 }
 
-fn run(cli: Cli) -> Result<()> {
+fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
+        // Training has exit codes of its own (130 when interrupted).
+        Command::Train(args) => train(args),
+        command => run_command(command).map(|()| ExitCode::SUCCESS),
+    }
+}
+
+fn run_command(command: Command) -> Result<()> {
+    match command {
         Command::Devices => {
             print!("{}", backend::devices_report());
             Ok(())
@@ -744,22 +830,28 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Data { which } => data(which),
-        Command::Train(args) => train(args),
+        Command::Train(args) => train(args).map(drop),
         Command::Eval(args) => eval(args),
         Command::Plot { run, out, checkpoint_dir } => plot(&run, &out, &checkpoint_dir),
-        Command::Bench { which: BenchCommand::Train { backend: args, steps, modes, workloads, inner_steps, task_batching, json } } => {
+        Command::Bench { which: BenchCommand::Train { backend: args, steps, modes, workloads, inner_steps, task_batching, no_phase_split, meta_batch, queries, json } } => {
             if inner_steps.contains(&0) {
                 bail!("--inner-steps: every mode needs at least 1 inner step");
+            }
+            if meta_batch == Some(0) {
+                bail!("--meta-batch: a meta-batch needs at least 1 task");
+            }
+            if queries == Some(0) {
+                bail!("--queries: each class needs at least 1 query image");
             }
             let selection = args.select()?;
             let batched = match task_batching.as_str() {
                 "on" => true,
                 "off" => false,
-                "auto" => selection.kind == BackendKind::Wgpu,
+                "auto" => selection.kind.is_gpu(),
                 other => bail!("--task-batching {other}: expected auto, on or off"),
             };
             eprintln!("benchmarking training on {}{}", selection.describe(), if batched { ", stacked meta-batches" } else { ", task by task" });
-            let bench = metagrad::bench::TrainBench { selection, steps: steps.max(1), modes, workloads, inner_steps, batched };
+            let bench = metagrad::bench::TrainBench { selection, steps: steps.max(1), modes, workloads, inner_steps, batched, phase_split: !no_phase_split, meta_batch, queries };
             let rows = metagrad::bench::train_bench(&bench)?;
             report(&metagrad::bench::format_train_table(&rows), &rows, json)
         }
@@ -790,7 +882,7 @@ fn run(cli: Cli) -> Result<()> {
 fn main() -> ExitCode {
     metagrad::backend::keep_freed_memory();
     match run(Cli::parse()) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE

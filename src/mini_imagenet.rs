@@ -64,7 +64,7 @@ pub fn read_csv(root: &Path, which: &str) -> Result<Vec<(String, Vec<String>)>> 
 }
 
 /// Decode one image to RGB, resize it, and lay it out as CHW u8.
-fn decode(path: &Path, size: u32) -> Result<Vec<u8>> {
+pub fn decode(path: &Path, size: u32) -> Result<Vec<u8>> {
     let bytes = fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
     let img = image::load_from_memory(&bytes)
         .with_context(|| format!("{} is not a readable image (corrupt or truncated JPEG?); replace it with a good copy", path.display()))?

@@ -104,7 +104,9 @@ fn read_pngs(path: &Path, archive: &str) -> Result<Vec<(String, String, Vec<u8>)
     Ok(out)
 }
 
-fn decode(name: &str, bytes: &[u8], size: u32) -> Result<Vec<u8>> {
+/// One Omniglot-style image (dark strokes on a light background, any size):
+/// grayscale, resized to `size`² with the archive's filter, strokes high.
+pub fn decode(name: &str, bytes: &[u8], size: u32) -> Result<Vec<u8>> {
     let img = image::load_from_memory(bytes).with_context(|| format!("{name}: not a readable PNG"))?.to_luma8();
     let img = if img.width() == size && img.height() == size { img } else { image::imageops::resize(&img, size, size, FILTER) };
     // Strokes are black on white: invert so strokes are high.

@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 use crate::backend::OnBackend;
 use crate::batched::{batched_hypergradient, task_by_task_hypergradient};
 use crate::episode::Episode;
-use crate::checkpoint::{Checkpoint, FORMAT, RngState, TrainState, pointer, prune, set_pointer, step_name};
+use crate::checkpoint::{self, Checkpoint, FORMAT, RngState, RunLock, TrainState, prune, set_pointer, step_name};
 use crate::config::Config;
 use crate::data::{BackgroundSampler, EpisodeSampler, EpisodeShape, Split};
 use crate::diff::{Objective, norm_all};
@@ -90,17 +90,24 @@ pub fn evaluate<B: Level<Base = B>>(
     let (mut accuracies, mut losses) = (Vec::with_capacity(episodes), Vec::with_capacity(episodes));
     for _ in 0..episodes {
         let task = sampler.next_episode().to_task::<B>(precision, device);
-        let support = BatchLoss { model, batch: &task.support };
-        // iMAML's learner at test time solves the same proximal problem it was trained with.
-        let adapted = match mode {
-            Mode::Implicit { lambda, .. } => proximal_adapt(&support, theta, inner, *lambda),
-            _ => adapt(&support, theta, inner).pop().expect("φ_r"),
-        };
-        losses.push(BatchLoss { model, batch: &task.query }.eval(&adapted).item());
-        accuracies.push(adapted_accuracy(model, &adapted, &task.query));
+        let (loss, accuracy) = adapt_and_measure(model, theta, &task, inner, mode);
+        losses.push(loss);
+        accuracies.push(accuracy);
         bar.inc(1);
     }
     Ok(Summary::of(&accuracies, &losses))
+}
+
+/// Adapt to a task's support set from `theta` and measure the query set:
+/// (query loss, query accuracy).
+fn adapt_and_measure<B: Level<Base = B>>(model: &Conv4, theta: &[Tensor<B>], task: &crate::hypergrad::Task<B>, inner: &InnerLoop, mode: &Mode) -> (f64, f64) {
+    let support = BatchLoss { model, batch: &task.support };
+    // iMAML's learner at test time solves the same proximal problem it was trained with.
+    let adapted = match mode {
+        Mode::Implicit { lambda, .. } => proximal_adapt(&support, theta, inner, *lambda),
+        _ => adapt(&support, theta, inner).pop().expect("φ_r"),
+    };
+    (BatchLoss { model, batch: &task.query }.eval(&adapted).item(), adapted_accuracy(model, &adapted, &task.query))
 }
 
 /// Burn's Adam over the meta-parameters, one state per parameter (flattened:
@@ -234,11 +241,63 @@ fn stream_seed(seed: u64, stream: u64) -> u64 {
     seed.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(stream)
 }
 
+/// Why a query loss means the run has diverged, if it does.
+fn divergence(loss: f64, threshold: f64) -> Option<String> {
+    if !loss.is_finite() {
+        Some(format!("the query loss is {loss}"))
+    } else if loss > threshold {
+        Some(format!("the query loss {loss:.4e} is above the divergence threshold {threshold:.4e} (set by train.divergence_factor)"))
+    } else {
+        None
+    }
+}
+
+/// Refuse a meta-batch whose episodes alone would not fit in memory, before
+/// trying to allocate it. A lower bound: the episodes of one meta-batch
+/// and the prefetch queue as f32, and with stacked tasks the first conv
+/// layer's output for the whole meta-batch.
+fn check_memory(config: &Config, model: &Conv4, task_batching: bool) -> Result<()> {
+    let (c, h, w) = (model.in_channels, model.image_size, model.image_size);
+    let images = (config.data.way * (config.data.shot + config.data.queries)) as f64;
+    let per_task = images * (c * h * w) as f64 * 4.0;
+    let activations = if task_batching { images * (model.channels * h * w) as f64 * 4.0 * 3.0 } else { 0.0 };
+    let needed = config.train.meta_batch as f64 * (per_task + activations) + config.data.prefetch as f64 * per_task;
+    let Some(available) = available_memory_bytes() else { return Ok(()) };
+    if needed > available {
+        let gib = |b: f64| b / (1u64 << 30) as f64;
+        bail!(
+            "train.meta_batch = {} needs at least {:.1} GiB of memory ({} images of {c}×{h}×{w} per task{}), and this machine has {:.1} GiB available; lower train.meta_batch (the papers use 32 for Omniglot 5-way, 16 for 20-way, 4 for Mini-ImageNet)",
+            config.train.meta_batch,
+            gib(needed),
+            images,
+            if task_batching { ", stacked" } else { "" },
+            gib(available)
+        );
+    }
+    Ok(())
+}
+
+/// MemAvailable from /proc/meminfo, where there is one.
+fn available_memory_bytes() -> Option<f64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    Some(line.split_whitespace().nth(1)?.parse::<f64>().ok()? * 1024.0)
+}
+
+/// The query loss after adapting to each episode from `theta`, averaged:
+/// the check that parameters about to be saved have not diverged.
+fn adapted_query_loss<B: Level<Base = B>>(model: &Conv4, theta: &[Tensor<B>], episodes: &[Episode], inner: &InnerLoop, mode: &Mode, precision: Precision, device: &Device<B>) -> f64 {
+    let losses: Vec<f64> = episodes.iter().map(|e| adapt_and_measure(model, theta, &e.to_task::<B>(precision, device), inner, mode).0).collect();
+    losses.iter().sum::<f64>() / losses.len().max(1) as f64
+}
+
 fn train<B: Level<Base = B>>(job: TrainJob, device: Device<B>, precision: Precision) -> Result<Outcome> {
     let TrainJob { config, resume, progress, stop, splits, task_batching } = job;
     let model = config.model()?;
     let run_dir = config.run_dir();
-    std::fs::create_dir_all(&run_dir).with_context(|| format!("cannot create the run folder {}", run_dir.display()))?;
+    // Nothing below writes into the run folder unless this process owns it.
+    let _lock = RunLock::acquire(&run_dir)?;
+    check_memory(&config, &model, task_batching)?;
     let (train_split, val_split) = match splits {
         Some(given) => given,
         None => {
@@ -270,6 +329,12 @@ fn train<B: Level<Base = B>>(job: TrainJob, device: Device<B>, precision: Precis
             (theta, config.mode()?, ChaCha8Rng::seed_from_u64(stream_seed(seed, 2)), String::new(), 0, None, 0.0)
         }
     };
+    // The divergence threshold is relative to the run's first meta-iteration loss.
+    let mut threshold = metrics
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Metrics>(l).ok())
+        .find(|m| m.split == "train")
+        .map(|m| config.divergence_threshold(m.loss));
     // Resuming from an older step: point `latest` back at it, so the step
     // folders about to be rewritten are never what `latest` names.
     if let Some(c) = &resume
@@ -288,41 +353,45 @@ fn train<B: Level<Base = B>>(job: TrainJob, device: Device<B>, precision: Precis
     let bar = progress_bar(total as u64, start_step as u64, progress, "{pos}/{len} {bar:30} {msg} {per_sec} ETA {eta}");
     let clock = Instant::now();
     let mut timings = Vec::new();
-    let mut latest = pointer(&run_dir, "latest");
+    let mut latest = checkpoint::latest_of(&run_dir);
     let mut step = start_step;
     let mut interrupted = false;
-    let mut saved_at = start_step;
+    // A checkpoint is taken at its step but written only once its
+    // parameters have shown a sane loss (the next meta-iteration's, a
+    // validation's, or a check at the end), so the last written checkpoint
+    // is never a diverged one.
+    let mut pending: Option<(Checkpoint, bool)> = None;
+    let mut last_episodes: Vec<Episode> = Vec::new();
 
-    let save = |step: usize,
-                theta: &[Tensor<B>],
-                adam: &MetaAdam<B>,
-                mode: &Mode,
-                ufo_rng: &ChaCha8Rng,
-                episode_rng: &RngState,
-                metrics: &str,
-                best: Option<(usize, f64)>|
-     -> Result<PathBuf> {
-        let checkpoint = Checkpoint {
-            config: config.clone(),
-            state: TrainState {
-                format: FORMAT,
-                step,
-                episode_rng: episode_rng.clone(),
-                ufo_rng: RngState::of(ufo_rng),
-                mode: mode.clone(),
-                adam_time: adam.time(),
-                best_step: best.map(|b| b.0),
-                best_val_accuracy: best.map(|b| b.1),
-                elapsed_s: elapsed_before + clock.elapsed().as_secs_f64(),
-            },
-            params: params_to_host(&model, theta).into_iter().collect(),
-            optimizer: adam.to_host(&model),
-            metrics: metrics.to_string(),
-        };
+    let snapshot = |step: usize, theta: &[Tensor<B>], adam: &MetaAdam<B>, mode: &Mode, ufo_rng: &ChaCha8Rng, episode_rng: &RngState, metrics: &str, best: Option<(usize, f64)>| Checkpoint {
+        config: config.clone(),
+        state: TrainState {
+            format: FORMAT,
+            step,
+            episode_rng: episode_rng.clone(),
+            ufo_rng: RngState::of(ufo_rng),
+            mode: mode.clone(),
+            adam_time: adam.time(),
+            best_step: best.map(|b| b.0),
+            best_val_accuracy: best.map(|b| b.1),
+            elapsed_s: elapsed_before + clock.elapsed().as_secs_f64(),
+        },
+        params: params_to_host(&model, theta).into_iter().collect(),
+        optimizer: adam.to_host(&model),
+        metrics: metrics.to_string(),
+    };
+    let commit = |(checkpoint, improved): (Checkpoint, bool)| -> Result<PathBuf> {
         let dir = checkpoint.write(&run_dir)?;
-        let best_dir = best.map(|(s, _)| run_dir.join(step_name(s)));
+        if improved {
+            set_pointer(&run_dir, "best", &step_name(checkpoint.state.step))?;
+        }
+        let best_dir = checkpoint.state.best_step.map(|s| run_dir.join(step_name(s)));
         prune(&run_dir, config.checkpoint.keep_last, &best_dir.into_iter().chain([dir.clone()]).collect::<Vec<_>>())?;
         Ok(dir)
+    };
+    let diverged = |step: usize, why: String, latest: &Option<PathBuf>| -> anyhow::Error {
+        let keep = latest.as_ref().map_or("no checkpoint was written yet".to_string(), |p| format!("the last good checkpoint {} is kept", p.display()));
+        anyhow::anyhow!("training diverged at step {step}: {why}; {keep}. Lower train.meta_lr or train.inner_lr, or set train.grad_clip, and resume from it")
     };
 
     while step < total {
@@ -345,15 +414,15 @@ fn train<B: Level<Base = B>>(job: TrainJob, device: Device<B>, precision: Precis
         let mut grad = r.grad;
         let (loss, accuracy) = (r.query_losses.iter().sum::<f64>() / t, r.query_accuracies.iter().sum::<f64>() / t);
         let norm = norm_all(&grad);
-        if !loss.is_finite() || !norm.is_finite() {
+        let threshold_now = *threshold.get_or_insert_with(|| config.divergence_threshold(loss));
+        let why = divergence(loss, threshold_now).or_else(|| (!norm.is_finite()).then(|| format!("the meta-gradient norm is {norm}")));
+        if let Some(why) = why {
             bar.abandon();
-            let keep = latest.as_ref().map_or("no checkpoint was written yet".to_string(), |p| format!("the last good checkpoint {} is kept", p.display()));
-            bail!(
-                "training diverged at step {}: the {} is {}; {keep}. Lower train.meta_lr or train.inner_lr, or set train.grad_clip, and resume",
-                step + 1,
-                if loss.is_finite() { "meta-gradient norm" } else { "query loss" },
-                if loss.is_finite() { norm } else { loss }
-            );
+            return Err(diverged(step + 1, why, &latest));
+        }
+        // The loss just measured is at θ_step: the pending checkpoint of that step is sound.
+        if let Some(p) = pending.take() {
+            latest = Some(commit(p)?);
         }
         if config.train.grad_clip > 0.0 && norm > config.train.grad_clip {
             grad = grad.iter().map(|g| g.mul_scalar(config.train.grad_clip / norm)).collect();
@@ -378,10 +447,16 @@ fn train<B: Level<Base = B>>(job: TrainJob, device: Device<B>, precision: Precis
         };
         let mut lines = vec![line];
         let mut improved = false;
+        let mut validated = false;
         if let Some(val) = &val_split
             && step % config.eval.every == 0
         {
             let s = evaluate(&model, &theta, val.clone(), shape, config.eval.episodes, stream_seed(seed, 3), &config.eval_inner(), &mode, precision, &device, &ProgressBar::hidden())?;
+            if let Some(why) = divergence(s.loss, threshold_now) {
+                bar.abandon();
+                return Err(diverged(step, format!("at validation, {why}"), &latest));
+            }
+            validated = true;
             improved = best.is_none_or(|(_, a)| s.accuracy > a);
             if improved {
                 best = Some((step, s.accuracy));
@@ -399,54 +474,109 @@ fn train<B: Level<Base = B>>(job: TrainJob, device: Device<B>, precision: Precis
         let every = config.checkpoint.every;
         if improved || (every > 0 && step % every == 0) || step == total {
             let rng = episode_rng.clone().expect("an episode was drawn");
-            let dir = save(step, &theta, &adam, &mode, &ufo_rng, &rng, &metrics, best)?;
-            if improved {
-                set_pointer(&run_dir, "best", &step_name(step))?;
-            }
-            saved_at = step;
-            latest = Some(dir);
+            let taken = (snapshot(step, &theta, &adam, &mode, &ufo_rng, &rng, &metrics, best), improved);
+            // A validation has just measured θ_step itself.
+            if validated { latest = Some(commit(taken)?) } else { pending = Some(taken) }
         }
+        last_episodes = episodes;
         let total_s = step_start.elapsed().as_secs_f64();
         timings.push(StepTiming { data_s, hypergradient_s, optimizer_s, other_s: total_s - data_s - hypergradient_s - optimizer_s, phases });
     }
-    if interrupted && saved_at != step {
+    if interrupted && pending.is_none() && latest.as_ref().is_none_or(|l| !l.ends_with(step_name(step))) && step > start_step {
         let rng = episode_rng.clone().expect("an episode was drawn");
-        latest = Some(save(step, &theta, &adam, &mode, &ufo_rng, &rng, &metrics, best)?);
+        pending = Some((snapshot(step, &theta, &adam, &mode, &ufo_rng, &rng, &metrics, best), false));
+    }
+    // The last parameters have no next meta-iteration to vouch for them:
+    // measure them on the last meta-batch before they are written.
+    if let Some(p) = pending.take() {
+        let loss = adapted_query_loss(&model, &theta, &last_episodes, &inner, &mode, precision, &device);
+        if let Some(why) = divergence(loss, threshold.unwrap_or(f64::INFINITY)) {
+            bar.abandon();
+            return Err(diverged(step, format!("after the last update, {why}"), &latest));
+        }
+        latest = Some(commit(p)?);
     }
     bar.finish_and_clear();
     Ok(Outcome { run_dir, step, interrupted, latest, best, timings })
 }
 
-/// Few-shot accuracy of a checkpoint on held-out episodes.
+/// Few-shot accuracy of a checkpoint on held-out episodes: sampled from a
+/// split, or the fixed episodes given.
 pub struct EvalJob {
     pub checkpoint: Checkpoint,
     pub split: String,
     pub episodes: usize,
+    /// Evaluate these instead of sampling `episodes` from `split`.
+    pub fixed: Option<Vec<crate::fixed_episodes::FixedEpisode>>,
     /// Test-time inner steps; the config's eval.inner_steps when absent.
     pub inner_steps: Option<usize>,
     pub seed: u64,
     pub progress: bool,
 }
 
+/// One fixed episode's result.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct EpisodeScore {
+    pub name: String,
+    pub way: usize,
+    pub queries: usize,
+    pub accuracy: f64,
+    pub loss: f64,
+}
+
+/// An evaluation: the summary over episodes, and each fixed episode's result.
+#[derive(Clone, Debug, PartialEq)]
+pub struct EvalOutcome {
+    pub summary: Summary,
+    pub per_episode: Vec<EpisodeScore>,
+}
+
 impl OnBackend for EvalJob {
-    type Output = Result<Summary>;
-    fn run<B: Level<Base = B>>(self, device: Device<B>, precision: Precision) -> Result<Summary> {
+    type Output = Result<EvalOutcome>;
+    fn run<B: Level<Base = B>>(self, device: Device<B>, precision: Precision) -> Result<EvalOutcome> {
         let config = &self.checkpoint.config;
         let model = config.model()?;
         check_params(&model, &self.checkpoint.params, "the checkpoint's parameters")?;
         let theta: Vec<Tensor<B>> =
             model.parameter_shapes().iter().map(|(n, _)| self.checkpoint.params[n].to_tensor(precision, &device)).collect();
-        let split = Arc::new(config.dataset().load_split(&self.split)?);
         let mut inner = config.eval_inner();
         if let Some(steps) = self.inner_steps {
             inner.steps = steps;
         }
         let mode = config.mode()?;
         mode.validate(&inner)?;
-        let bar = eval_bar(self.episodes as u64, self.progress);
-        let summary = evaluate(&model, &theta, split, config.episode_shape(), self.episodes, self.seed, &inner, &mode, precision, &device, &bar)?;
-        bar.finish_and_clear();
-        Ok(summary)
+        let mut per_episode = Vec::new();
+        let summary = match &self.fixed {
+            Some(fixed) => {
+                let bar = eval_bar(fixed.len() as u64, self.progress);
+                for f in fixed {
+                    if f.episode.way != model.way {
+                        bail!("episode {} has {} classes, but the checkpoint is a {}-way learner; evaluate it with a {}-way checkpoint", f.name, f.episode.way, model.way, f.episode.way);
+                    }
+                    let (loss, accuracy) = adapt_and_measure(&model, &theta, &f.episode.to_task::<B>(precision, &device), &inner, &mode);
+                    per_episode.push(EpisodeScore { name: f.name.clone(), way: f.episode.way, queries: f.episode.query.labels.len(), accuracy, loss });
+                    bar.inc(1);
+                }
+                bar.finish_and_clear();
+                Summary::of(&per_episode.iter().map(|e| e.accuracy).collect::<Vec<_>>(), &per_episode.iter().map(|e| e.loss).collect::<Vec<_>>())
+            }
+            None => {
+                let split = Arc::new(config.dataset().load_split(&self.split)?);
+                let bar = eval_bar(self.episodes as u64, self.progress);
+                let summary = evaluate(&model, &theta, split, config.episode_shape(), self.episodes, self.seed, &inner, &mode, precision, &device, &bar)?;
+                bar.finish_and_clear();
+                summary
+            }
+        };
+        // Relative to a chance-level classifier's loss, ln(way): no first loss is at hand here.
+        if let Some(why) = divergence(summary.loss, config.divergence_threshold((config.data.way as f64).ln())) {
+            bail!(
+                "the checkpoint's parameters have diverged: over {} episodes {why} (accuracy {:.2} %); evaluate an earlier step folder of the run instead",
+                summary.episodes,
+                100.0 * summary.accuracy
+            );
+        }
+        Ok(EvalOutcome { summary, per_episode })
     }
 }
 
