@@ -706,64 +706,42 @@ fn eval(args: EvalArgs) -> Result<()> {
     for e in &outcome.per_episode {
         println!("  {:<24} {:>3}-way, {:>3} queries: accuracy {:6.2}%, query loss {:.4}", e.name, e.way, e.queries, 100.0 * e.accuracy, e.loss);
     }
-    if let Some(d) = &args.episodes_from {
-        println!(
-            "fixed episodes ({}): accuracy {:.2}% ± {:.2}% (95% CI over {} episodes, {inner_steps} inner steps), query loss {:.4}",
-            d.display(),
-            100.0 * summary.accuracy,
-            100.0 * summary.ci95,
-            summary.episodes,
-            summary.loss
-        );
-        let name = d.file_name().map_or_else(|| "episodes".to_string(), |n| n.to_string_lossy().into_owned());
-        let out = args.out.unwrap_or_else(|| dir.join(format!("eval-fixed-{name}-{inner_steps}steps.json")));
-        let record = serde_json::json!({
-            "checkpoint": dir.display().to_string(),
-            "step": step,
-            "dataset": config.data.dataset.name(),
-            "episodes_from": d.display().to_string(),
-            "mode": config.mode.name,
-            "inner_steps": inner_steps,
-            "inner_lr": config.train.inner_lr,
-            "episodes": summary.episodes,
-            "accuracy": summary.accuracy,
-            "ci95": summary.ci95,
-            "loss": summary.loss,
-            "per_episode": outcome.per_episode,
-        });
-        metagrad::store::write_atomic(&out, (serde_json::to_string_pretty(&record)? + "\n").as_bytes())?;
-        println!("wrote {}", out.display());
-        return Ok(());
-    }
+    // What was evaluated: the split's sampled episodes, or the fixed ones given.
+    let (what, default_name, source) = match &args.episodes_from {
+        Some(d) => {
+            let name = d.file_name().map_or_else(|| "episodes".to_string(), |n| n.to_string_lossy().into_owned());
+            (format!("fixed episodes ({})", d.display()), format!("eval-fixed-{name}-{inner_steps}steps.json"), serde_json::json!({ "episodes_from": d.display().to_string() }))
+        }
+        None => (
+            format!("{} {} {}-way {}-shot", args.split, config.data.dataset.name(), config.data.way, config.data.shot),
+            format!("eval-{}-{}ep-{inner_steps}steps-seed{}.json", args.split, summary.episodes, args.seed),
+            serde_json::json!({ "split": args.split, "seed": args.seed, "way": config.data.way, "shot": config.data.shot, "queries": config.data.queries }),
+        ),
+    };
     println!(
-        "{} accuracy {:.2}% ± {:.2}% (95% CI over {} episodes; {} {}-way {}-shot, {inner_steps} inner steps), query loss {:.4}",
-        args.split,
+        "{what}: accuracy {:.2}% ± {:.2}% (95% CI over {} episodes, {inner_steps} inner steps), query loss {:.4}",
         100.0 * summary.accuracy,
         100.0 * summary.ci95,
         summary.episodes,
-        config.data.dataset.name(),
-        config.data.way,
-        config.data.shot,
         summary.loss
     );
-    let out = args.out.unwrap_or_else(|| dir.join(format!("eval-{}-{}ep-{inner_steps}steps-seed{}.json", args.split, summary.episodes, args.seed)));
-    let record = serde_json::json!({
+    let out = args.out.unwrap_or_else(|| dir.join(default_name));
+    let mut record = serde_json::json!({
         "checkpoint": dir.display().to_string(),
         "step": step,
         "dataset": config.data.dataset.name(),
-        "split": args.split,
-        "way": config.data.way,
-        "shot": config.data.shot,
-        "queries": config.data.queries,
         "mode": config.mode.name,
         "inner_steps": inner_steps,
         "inner_lr": config.train.inner_lr,
-        "seed": args.seed,
         "episodes": summary.episodes,
         "accuracy": summary.accuracy,
         "ci95": summary.ci95,
         "loss": summary.loss,
     });
+    record.as_object_mut().expect("an object").extend(source.as_object().expect("an object").clone());
+    if !outcome.per_episode.is_empty() {
+        record["per_episode"] = serde_json::to_value(&outcome.per_episode)?;
+    }
     metagrad::store::write_atomic(&out, (serde_json::to_string_pretty(&record)? + "\n").as_bytes())?;
     println!("wrote {}", out.display());
     Ok(())

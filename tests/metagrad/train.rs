@@ -177,7 +177,7 @@ fn eval_reports_a_reproducible_confidence_interval() {
     let run = dir.join("checkpoints/small");
     let eval = |seed: &str, out: &Path| {
         let text = ok(&metagrad(&["eval", "--checkpoint", run.to_str().unwrap(), "--episodes", "20", "--seed", seed, "--backend", "cpu", "--out", out.to_str().unwrap()]));
-        assert!(text.contains("test accuracy") && text.contains("95% CI over 20 episodes"), "{text}");
+        assert!(text.contains("test synthetic 5-way 1-shot: accuracy") && text.contains("95% CI over 20 episodes"), "{text}");
         let v: serde_json::Value = serde_json::from_slice(&std::fs::read(out).unwrap()).unwrap();
         (v["accuracy"].as_f64().unwrap(), v["ci95"].as_f64().unwrap())
     };
@@ -209,9 +209,9 @@ fn bad_configs_and_checkpoints_say_what_is_wrong() {
 
     // NaN: a huge meta step size blows the parameters up after step 1, and
     // those parameters are never saved (faults.rs covers the rest).
-    let e = err(&metagrad(&["train", "--config", c, "--quiet", "--set", "run.name=nan", "--set", "train.meta_lr=1e30", "--set", "checkpoint.every=1", "--set", "eval.every=0"]));
+    let e = err(&metagrad(&["train", "--config", c, "--quiet", "--set", "run.name=diverging", "--set", "train.meta_lr=1e30", "--set", "checkpoint.every=1", "--set", "eval.every=0"]));
     assert!(e.contains("diverged at step 2") && e.contains("no checkpoint was written yet"), "{e}");
-    assert!(metagrad::checkpoint::latest_of(&dir.join("checkpoints/nan")).is_none());
+    assert!(metagrad::checkpoint::latest_of(&dir.join("checkpoints/diverging")).is_none());
     ok(&metagrad(&["train", "--config", c, "--quiet", "--set", "train.meta_steps=1", "--set", "checkpoint.every=1"]));
     let run = dir.join("checkpoints/small");
     assert!(metagrad::checkpoint::pointer(&run, "latest").unwrap().ends_with("step-0000001"));
