@@ -14,6 +14,10 @@
 #
 #   bash benches/gpu_check.sh              # on the GPU machine (benches/README.md has the device command)
 #   bash benches/gpu_check.sh --dry-run    # anywhere with a wgpu adapter (lavapipe too): tiny meta-batches
+#   GPU_CHECK_DRY_BACKEND=cpu bash benches/gpu_check.sh --dry-run   # the script's logic, on the CPU backend
+# (on lavapipe, kernel compilation and autotuning take minutes per process:
+# one full-width r = 2 MAML hypergradient did not finish in 450 s on 2 busy
+# cores, so `cargo test` runs the dry run on the CPU backend).
 #
 # Binaries: $METAGRAD_BIN (default .gpu/metagrad: the default build, wgpu with
 # WGSL) and $METAGRAD_GPU_BIN (default .gpu/metagrad-gpu: built with
@@ -103,6 +107,7 @@ say "GPU: ${gpu_name:-none}"
 
 # The GPU runs: label, binary, backend. The SPIR-V and CUDA ones need the GPU build.
 runners=("wgpu|$BIN|wgpu")
+[ $dry -eq 1 ] && { b=${GPU_CHECK_DRY_BACKEND:-wgpu}; runners=("$b|$BIN|$b"); }
 if [ -x "$GPU_BIN" ] && [ $dry -eq 0 ]; then
   runners+=("wgpu-spirv|$GPU_BIN|wgpu")
   grep -q '^cuda  \[0\]' "$OUT/devices.txt" && runners+=("cuda|$GPU_BIN|cuda")

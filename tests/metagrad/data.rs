@@ -120,7 +120,7 @@ fn impossible_requests_say_what_to_change() {
     let split = Arc::new(synthetic::split("val", 0, false).unwrap());
     let err = |s| EpisodeSampler::new(split.clone(), s, 0).err().unwrap().to_string();
     let e = err(shape(60, 1, 1));
-    assert!(e.contains("60-way") && e.contains("has 50") && e.contains("--way 50"), "{e}");
+    assert!(e.contains("60-way") && e.contains("has 50") && e.contains("50 classes or fewer") && e.contains("data.way"), "{e}");
     let e = err(shape(5, 5, 16));
     assert!(e.contains("21 images per class") && e.contains("only 20"), "{e}");
     assert!(err(shape(1, 1, 1)).contains("at least 2 classes"));
