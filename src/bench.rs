@@ -550,8 +550,7 @@ pub fn train_bench(bench: &TrainBench) -> anyhow::Result<Vec<TrainRow>> {
                     task_batching: bench.batched,
                 };
                 let (outcome, peak_memory_mib, memory_source) = crate::backend::dispatch(bench.selection, MeasuredTrain(job))?;
-                let mut row = train_row(w, mode, r, bench, &outcome.timings, peak_memory_mib, memory_source);
-                row.finished_unix_s = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
+                let row = train_row(w, mode, r, bench, &outcome.timings, peak_memory_mib, memory_source);
                 eprintln!("{} {mode} r={r}: {:.3} meta-iterations/s (first meta-iteration {:.1} s)", w.name, row.meta_iterations_per_second, row.first_iteration_s);
                 rows.push(row);
             }
@@ -596,7 +595,8 @@ fn train_row(w: &TrainWorkload, mode: &str, r: usize, bench: &TrainBench, timing
         phase_split: bench.phase_split,
         first_iteration_s,
         timed_s: timed.iter().map(total).sum(),
-        finished_unix_s: 0.0,
+        // Called as the run returns: its timed meta-iterations ended now.
+        finished_unix_s: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64()),
         peak_memory_mib,
         memory_source,
     }

@@ -695,17 +695,6 @@ fn eval(args: EvalArgs) -> Result<()> {
     let selection = args.backend.select()?;
     let inner_steps = args.inner_steps.unwrap_or(config.eval.inner_steps);
     let fixed = args.episodes_from.as_deref().map(|d| metagrad::fixed_episodes::read(d, config.data.dataset)).transpose()?;
-    let source = match (&fixed, &args.episodes_from) {
-        (Some(f), Some(d)) => format!("{} fixed episodes from {}", f.len(), d.display()),
-        _ => format!("{} {} episodes", args.episodes, args.split),
-    };
-    eprintln!("evaluating {} (step {step}) on {source}, {inner_steps} inner steps, {}", dir.display(), selection.describe());
-    let job = EvalJob { checkpoint: saved, split: args.split.clone(), episodes: args.episodes, fixed, inner_steps: args.inner_steps, seed: args.seed, progress: true };
-    let outcome = backend::dispatch(selection, job)?;
-    let summary = outcome.summary;
-    for e in &outcome.per_episode {
-        println!("  {:<24} {:>3}-way, {:>3} queries: accuracy {:6.2}%, query loss {:.4}", e.name, e.way, e.queries, 100.0 * e.accuracy, e.loss);
-    }
     // What was evaluated: the split's sampled episodes, or the fixed ones given.
     let (what, default_name, source) = match &args.episodes_from {
         Some(d) => {
@@ -714,10 +703,17 @@ fn eval(args: EvalArgs) -> Result<()> {
         }
         None => (
             format!("{} {} {}-way {}-shot", args.split, config.data.dataset.name(), config.data.way, config.data.shot),
-            format!("eval-{}-{}ep-{inner_steps}steps-seed{}.json", args.split, summary.episodes, args.seed),
+            format!("eval-{}-{}ep-{inner_steps}steps-seed{}.json", args.split, args.episodes, args.seed),
             serde_json::json!({ "split": args.split, "seed": args.seed, "way": config.data.way, "shot": config.data.shot, "queries": config.data.queries }),
         ),
     };
+    eprintln!("evaluating {} (step {step}) on {what}, {inner_steps} inner steps, {}", dir.display(), selection.describe());
+    let job = EvalJob { checkpoint: saved, split: args.split.clone(), episodes: args.episodes, fixed, inner_steps: args.inner_steps, seed: args.seed, progress: true };
+    let outcome = backend::dispatch(selection, job)?;
+    let summary = outcome.summary;
+    for e in &outcome.per_episode {
+        println!("  {:<24} {:>3}-way, {:>3} queries: accuracy {:6.2}%, query loss {:.4}", e.name, e.way, e.queries, 100.0 * e.accuracy, e.loss);
+    }
     println!(
         "{what}: accuracy {:.2}% ± {:.2}% (95% CI over {} episodes, {inner_steps} inner steps), query loss {:.4}",
         100.0 * summary.accuracy,

@@ -356,6 +356,8 @@ fn train<B: Level<Base = B>>(job: TrainJob, device: Device<B>, precision: Precis
     let mut latest = checkpoint::latest_of(&run_dir);
     let mut step = start_step;
     let mut interrupted = false;
+    // The step of the last checkpoint taken, written or pending.
+    let mut saved_at = start_step;
     // A checkpoint is taken at its step but written only once its
     // parameters have shown a sane loss (the next meta-iteration's, a
     // validation's, or a check at the end), so the last written checkpoint
@@ -477,12 +479,13 @@ fn train<B: Level<Base = B>>(job: TrainJob, device: Device<B>, precision: Precis
             let taken = (snapshot(step, &theta, &adam, &mode, &ufo_rng, &rng, &metrics, best), improved);
             // A validation has just measured θ_step itself.
             if validated { latest = Some(commit(taken)?) } else { pending = Some(taken) }
+            saved_at = step;
         }
         last_episodes = episodes;
         let total_s = step_start.elapsed().as_secs_f64();
         timings.push(StepTiming { data_s, hypergradient_s, optimizer_s, other_s: total_s - data_s - hypergradient_s - optimizer_s, phases });
     }
-    if interrupted && pending.is_none() && latest.as_ref().is_none_or(|l| !l.ends_with(step_name(step))) && step > start_step {
+    if interrupted && saved_at != step {
         let rng = episode_rng.clone().expect("an episode was drawn");
         pending = Some((snapshot(step, &theta, &adam, &mode, &ufo_rng, &rng, &metrics, best), false));
     }
@@ -548,11 +551,11 @@ impl OnBackend for EvalJob {
         let mut per_episode = Vec::new();
         let summary = match &self.fixed {
             Some(fixed) => {
+                if let Some(f) = fixed.iter().find(|f| f.episode.way != model.way) {
+                    bail!("episode {} has {} classes, but the checkpoint is a {}-way learner; evaluate it with a {}-way checkpoint", f.name, f.episode.way, model.way, f.episode.way);
+                }
                 let bar = eval_bar(fixed.len() as u64, self.progress);
                 for f in fixed {
-                    if f.episode.way != model.way {
-                        bail!("episode {} has {} classes, but the checkpoint is a {}-way learner; evaluate it with a {}-way checkpoint", f.name, f.episode.way, model.way, f.episode.way);
-                    }
                     let (loss, accuracy) = adapt_and_measure(&model, &theta, &f.episode.to_task::<B>(precision, &device), &inner, &mode);
                     per_episode.push(EpisodeScore { name: f.name.clone(), way: f.episode.way, queries: f.episode.query.labels.len(), accuracy, loss });
                     bar.inc(1);
