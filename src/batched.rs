@@ -14,6 +14,7 @@ use rand::Rng;
 
 use crate::diff::{Objective, hvp, value_and_grad};
 use crate::episode::{Episode, LabelledImages};
+use crate::kernels::KernelSettings;
 use crate::hypergrad::{Hypergradient, InnerLoop, Mode, QRule, adapt, axpy, fomaml, hypergradient_drawn, maml, maml_unrolled, proximal_adapt, sweep};
 use crate::profile::{Phase, timed};
 use crate::model::{BatchLoss, ClassifierLoss, Conv4, KeepLogits, accuracy, accuracy_of_rows};
@@ -289,17 +290,19 @@ fn parallel_map<T: Send>(n: usize, f: impl Fn(usize) -> T + Sync) -> Vec<T> {
     }
     let next = AtomicUsize::new(0);
     let slots: Vec<Mutex<Option<T>>> = (0..n).map(|_| Mutex::new(None)).collect();
+    // The cores are taken by the tasks: each task's kernels run on its own thread.
+    let settings = KernelSettings { serial: true, ..KernelSettings::current() };
     std::thread::scope(|scope| {
         for _ in 0..threads {
             scope.spawn(|| {
-                loop {
+                settings.run(|| loop {
                     let i = next.fetch_add(1, Ordering::Relaxed);
                     if i >= n {
                         break;
                     }
                     let value = f(i);
                     *slots[i].lock().expect("a task thread panicked") = Some(value);
-                }
+                })
             });
         }
     });

@@ -2,6 +2,7 @@
 //!
 //! Modules, one per concept:
 //! - [`tensor`]: a typed tensor over Burn's op traits, usable at every autodiff level.
+//! - [`kernels`]: Conv-4's convolution, batch norm and pooling as native CPU kernels that differentiate twice.
 //! - [`diff`]: gradients that stay differentiable, and Hessian-vector products.
 //! - [`model`]: the Conv-4 learner with PyTorch parameter names.
 //! - [`hypergrad`]: inner-loop adaptation and meta-gradients.
@@ -37,6 +38,7 @@ pub mod fetch;
 pub mod fixed_episodes;
 
 pub mod hypergrad;
+pub mod kernels;
 pub mod mini_imagenet;
 pub mod model;
 pub mod omniglot;

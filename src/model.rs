@@ -129,7 +129,7 @@ impl Conv4 {
         let mut h = x.clone();
         for block in params[..4 * BLOCKS].chunks(4) {
             let [w, b, gamma, beta] = block else { unreachable!() };
-            h = batch_norm(&h.conv2d(w, b, 1, tasks), gamma, beta).relu().max_pool2x2();
+            h = h.conv2d(w, b, 1, tasks).batch_norm(gamma, beta, BATCH_NORM_EPS).relu().max_pool2x2();
         }
         h
     }
@@ -156,18 +156,6 @@ impl Conv4 {
 pub fn linear<B: Level>(x: &Tensor<B>, weight: &Tensor<B>, bias: &Tensor<B>) -> Tensor<B> {
     let k = weight.dims()[0];
     x.matmul(&weight.transpose()).add(&bias.reshape(&[1, k]))
-}
-
-/// Batch norm over [N, C, H, W] with the batch's own statistics (biased
-/// variance), then a per-channel scale and shift.
-pub fn batch_norm<B: Level>(x: &Tensor<B>, gamma: &Tensor<B>, beta: &Tensor<B>) -> Tensor<B> {
-    let c = x.dims()[1];
-    let mean = x.mean_dim(0).mean_dim(2).mean_dim(3);
-    let centered = x.sub(&mean);
-    let var = centered.square().mean_dim(0).mean_dim(2).mean_dim(3);
-    // γ/σ per channel first: one full-size multiply instead of a divide and a multiply.
-    let scale = gamma.reshape(&[1, c, 1, 1]).div(&var.add_scalar(BATCH_NORM_EPS).sqrt());
-    centered.mul(&scale).add(&beta.reshape(&[1, c, 1, 1]))
 }
 
 /// A labelled batch of images on the base backend.

@@ -7,13 +7,15 @@
 //! names itself and both shapes when they do not fit, instead of failing deep
 //! inside a kernel.
 
-use burn::backend::ops::{BoolTensorOps, ConvOptions, FloatTensorOps, IntTensorOps, ModuleOps};
+use burn::backend::ops::{BoolTensorOps, ConvOptions, FloatTensorOps, IntTensorOps};
 use burn::backend::tensor::{Device, FloatTensor, IntTensor};
 use burn::backend::{
-    AutodiffBackend, Backend, DType, FloatDType, IntDType, Scalar, Shape,
+    AutodiffBackend, Backend, DType, FloatDType, Scalar, Shape,
     TensorData, TensorMetadata, get_device_settings,
 };
 use burn::backend::Autodiff;
+
+use crate::kernels::{self, ConvNetOps};
 
 /// Floating-point precision of a run. f64 exists on the CPU backend only.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -60,7 +62,7 @@ impl std::str::FromStr for Precision {
 /// `Autodiff` wrappers. `Base` is where values live without any graph; moving
 /// a tensor down to the base and back up is how constants are made at every
 /// level at once (a plain `float_detach` only detaches the outermost level).
-pub trait Level: Backend {
+pub trait Level: ConvNetOps {
     type Base: Backend<Device = Self::Device>;
     fn from_base(t: FloatTensor<Self::Base>) -> FloatTensor<Self>;
     fn to_base(t: FloatTensor<Self>) -> FloatTensor<Self::Base>;
@@ -359,8 +361,28 @@ impl<B: Level> Tensor<B> {
             && x[2] + 2 * padding >= w[2]
             && x[3] + 2 * padding >= w[3];
         assert!(fits, "conv2d: input {x:?}, weight {w:?} and bias {b:?} do not fit (groups {groups})");
+        if kernels::native::<B>() && w[2..] == [3, 3] && padding == 1 {
+            let y = Tensor(B::conv3x3(self.0.clone(), weight.0.clone(), groups));
+            return y.add(&bias.reshape(&[1, b[0], 1, 1]));
+        }
         let options = ConvOptions::new([1, 1], [padding, padding], [1, 1], groups);
         Tensor(B::conv2d(self.0.clone(), weight.0.clone(), Some(bias.0.clone()), options))
+    }
+
+    /// Batch norm with the batch's own statistics per channel (biased
+    /// variance, no running statistics): x [N, C, H, W], gamma and beta [C].
+    pub fn batch_norm(&self, gamma: &Self, beta: &Self, eps: f64) -> Self {
+        let (x, g, b) = (self.dims(), gamma.dims(), beta.dims());
+        assert!(
+            x.len() == 4 && g == [x[1]] && b == [x[1]],
+            "batch_norm: input {x:?}, scale {g:?} and shift {b:?} do not fit"
+        );
+        let (x, gamma, beta) = (self.0.clone(), gamma.0.clone(), beta.0.clone());
+        Tensor(if kernels::native::<B>() {
+            B::batch_norm_on_batch(x, gamma, beta, eps)
+        } else {
+            kernels::reference::batch_norm::<B>(x, gamma, beta, eps)
+        })
     }
 
     /// Elements of `self` along `dim` at `indices` (same rank; other dims equal).
@@ -385,25 +407,21 @@ impl<B: Level> Tensor<B> {
     }
 
     /// 2×2 max-pool with stride 2 (floor), written so that it differentiates
-    /// twice: the argmax positions come from Burn's pooling on a graph-free
-    /// copy, and the values are gathered from the input, whose gather
-    /// differentiates at every level.
+    /// twice: natively, a pooling that records its argmax and differentiates
+    /// through gather and scatter; on the reference path, the argmax
+    /// positions come from Burn's pooling on a graph-free copy and the values
+    /// are gathered from the input, whose gather differentiates at every level.
     pub fn max_pool2x2(&self) -> Self {
         let x = self.dims();
         assert!(x.len() == 4 && x[2] >= 2 && x[3] >= 2, "max_pool2x2: input {x:?} is not [N, C, H>=2, W>=2]");
+        if kernels::native::<B>() {
+            return Tensor(B::max_pool2x2(self.0.clone()).0);
+        }
         let (n, c, h, w) = (x[0], x[1], x[2], x[3]);
         let (ho, wo) = (h / 2, w / 2);
         let base = B::to_base(self.0.clone());
-        let pooled = <B::Base as ModuleOps<B::Base>>::max_pool2d_with_indices(
-            base,
-            [2, 2],
-            [2, 2],
-            [0, 0],
-            [1, 1],
-            false,
-            IntDType::I32,
-        );
-        let indices = <B::Base as IntTensorOps<B::Base>>::int_reshape(pooled.indices, shape_of(&[n, c, ho * wo]));
+        let (_, indices) = kernels::reference::max_pool2x2::<B::Base>(base);
+        let indices = <B::Base as IntTensorOps<B::Base>>::int_reshape(indices, shape_of(&[n, c, ho * wo]));
         self.reshape(&[n, c, h * w])
             .gather(2, B::int_from_base(indices))
             .reshape(&[n, c, ho, wo])

@@ -181,3 +181,45 @@ fn block_conjugate_gradient_equals_each_task_alone() {
         close(&x, &stacked, &format!("CG with {steps} steps"));
     }
 }
+
+#[test]
+fn native_kernels_give_the_reference_hypergradient_for_every_mode() {
+    // Wide enough (16 channels) for the convolution to split output channels
+    // between workers, and 20 pixels wide so that one pooling floors (5 → 2).
+    const WIDE: Conv4 = Conv4 { in_channels: 1, image_size: 20, channels: 16, way: 3 };
+    let mut rng = ChaCha8Rng::seed_from_u64(11);
+    let mut part = |n: usize| LabelledImages {
+        images: (0..n * 20 * 20).map(|_| rng.random::<f32>()).collect(),
+        shape: [n, 1, 20, 20],
+        labels: (0..n).map(|i| i % 3).collect(),
+    };
+    let eps: Vec<Episode> = (0..3).map(|_| Episode { way: 3, support: part(3), query: part(6) }).collect();
+    let refs: Vec<&Episode> = eps.iter().collect();
+    let theta = WIDE.init::<Cpu>(5, F64, &DEV);
+    let cases: Vec<(Mode, InnerLoop)> = vec![
+        (Mode::Maml, InnerLoop { steps: 2, lr: 0.3 }),
+        (Mode::Fomaml, InnerLoop { steps: 2, lr: 0.3 }),
+        (Mode::Ufo(QRule::Fixed(0.5)), InnerLoop { steps: 2, lr: 0.3 }),
+        (Mode::Implicit { lambda: 2.0, cg_steps: 3 }, InnerLoop { steps: 2, lr: 0.1 }),
+    ];
+    for (mode, inner) in cases {
+        for stacked in [false, true] {
+            let run = || {
+                let mut m = mode.clone();
+                let mut rng = ChaCha8Rng::seed_from_u64(4);
+                if stacked {
+                    batched_hypergradient(&mut m, &WIDE, &refs, &theta, &inner, F64, &DEV, &mut rng)
+                } else {
+                    task_by_task_hypergradient(&mut m, &WIDE, &refs, &theta, &inner, F64, &DEV, &mut rng)
+                }
+            };
+            let native = run();
+            let reference = metagrad::kernels::with_reference_ops(run);
+            let what = format!("{} ({})", mode.name(), if stacked { "stacked" } else { "task by task" });
+            close(&native.grad, &reference.grad, &what);
+            for (x, y) in native.query_losses.iter().zip(&reference.query_losses) {
+                assert!((x - y).abs() < 1e-10, "{what}: query loss {x} vs {y}");
+            }
+        }
+    }
+}

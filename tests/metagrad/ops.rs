@@ -6,8 +6,10 @@
 use burn::backend::ops::IntTensorOps;
 use burn::backend::{TensorData, Flex};
 use metagrad::diff::{Objective, dot_all, hvp, value_and_grad};
-use metagrad::model::{batch_norm, linear};
+use metagrad::model::{BATCH_NORM_EPS, linear};
+use metagrad::kernels::{self, reference};
 use metagrad::tensor::{Level, Tensor, one_hot};
+use burn::backend::tensor::FloatTensor;
 
 use crate::common::*;
 
@@ -37,6 +39,11 @@ pub enum Op {
     Linear,
     LogSoftmax,
     CrossEntropy,
+    // The native kernels' own backward operations, which the second level differentiates.
+    ConvInputGrad,
+    ConvWeightGrad,
+    BatchNormGrad,
+    PoolScatter,
 }
 
 /// Input shapes of each op's test case, and whether inputs must be positive.
@@ -61,10 +68,15 @@ pub fn case(op: Op) -> (Vec<Vec<usize>>, bool) {
         BatchNorm => (vec![vec![3, 4, 3, 3], vec![4], vec![4]], false),
         Linear => (vec![vec![3, 6], vec![4, 6], vec![4]], false),
         LogSoftmax | CrossEntropy => (vec![vec![4, 5]], false),
+        // dy and w; x and dy (grouped, two groups); x, gamma and dy; dy.
+        ConvInputGrad => (vec![vec![2, 4, 5, 6], vec![4, 3, 3, 3]], false),
+        ConvWeightGrad => (vec![vec![2, 4, 5, 5], vec![2, 6, 5, 5]], false),
+        BatchNormGrad => (vec![vec![3, 4, 3, 3], vec![4], vec![3, 4, 3, 3]], false),
+        PoolScatter => (vec![vec![2, 3, 3, 3]], false),
     }
 }
 
-pub const ALL_OPS: [Op; 24] = [
+pub const ALL_OPS: [Op; 28] = [
     Op::Add,
     Op::Sub,
     Op::Mul,
@@ -89,6 +101,10 @@ pub const ALL_OPS: [Op; 24] = [
     Op::Linear,
     Op::LogSoftmax,
     Op::CrossEntropy,
+    Op::ConvInputGrad,
+    Op::ConvWeightGrad,
+    Op::BatchNormGrad,
+    Op::PoolScatter,
 ];
 
 /// Apply `op` at any level; `aux` holds base-level constants the op needs.
@@ -119,11 +135,47 @@ fn apply<B: Level<Base = Base>, Base: Level<Base = Base>>(op: Op, p: &[Tensor<B>
         }
         Relu => p[0].relu(),
         MaxPool => p[0].max_pool2x2(),
-        BatchNorm => batch_norm(&p[0], &p[1], &p[2]),
+        BatchNorm => p[0].batch_norm(&p[1], &p[2], BATCH_NORM_EPS),
         Linear => linear(&p[0], &p[1], &p[2]),
         LogSoftmax => p[0].log_softmax(),
         CrossEntropy => p[0].cross_entropy(&Tensor::from_base(&aux[0])),
+        ConvInputGrad => on_path::<B>(|| B::conv3x3_input_grad(p[0].0.clone(), p[1].0.clone(), 1), || {
+            reference::conv3x3_input_grad::<B>(p[0].0.clone(), p[1].0.clone(), 1)
+        }),
+        ConvWeightGrad => on_path::<B>(|| B::conv3x3_weight_grad(p[0].0.clone(), p[1].0.clone(), 2), || {
+            reference::conv3x3_weight_grad::<B>(p[0].0.clone(), p[1].0.clone(), 2)
+        }),
+        BatchNormGrad => {
+            let args = || (p[0].0.clone(), p[1].0.clone(), p[2].0.clone());
+            let [dx, dg, db] = if kernels::native::<B>() {
+                let (x, g, dy) = args();
+                B::batch_norm_on_batch_grad(x, g, dy, BATCH_NORM_EPS)
+            } else {
+                let (x, g, dy) = args();
+                reference::batch_norm_grad::<B>(x, g, dy, BATCH_NORM_EPS)
+            };
+            let dx = Tensor(dx);
+            let n = dx.num_elements();
+            Tensor::cat(&[dx.reshape(&[n]), Tensor(dg), Tensor(db)], 0)
+        }
+        PoolScatter => {
+            // The argmax positions of a fixed 6×7 input (base level, no graph).
+            let indices = if kernels::native::<Base>() {
+                Base::max_pool2x2(aux[0].0.clone()).1
+            } else {
+                reference::max_pool2x2::<Base>(aux[0].0.clone()).1
+            };
+            let indices = B::int_from_base(indices);
+            on_path::<B>(|| B::pool_scatter(p[0].0.clone(), indices.clone(), 6, 7), || {
+                reference::pool_scatter::<B>(p[0].0.clone(), indices.clone(), 6, 7)
+            })
+        }
     }
+}
+
+/// The native operation, or its reference form inside `with_reference_ops`.
+fn on_path<B: Level>(native: impl FnOnce() -> FloatTensor<B>, reference: impl FnOnce() -> FloatTensor<B>) -> Tensor<B> {
+    Tensor(if kernels::native::<B>() { native() } else { reference() })
 }
 
 /// s(x) = Σ w⊙op(x) + ½ Σ c⊙op(x)²: the square term puts the op's Jacobian
@@ -167,6 +219,7 @@ pub fn host_case(op: Op, seed: u64) -> HostCase {
     let aux = match op {
         Op::Gather => vec![((0..12).map(|i| ((i * 7 + 3) % 4) as f64).collect(), vec![2, 3, 2])],
         Op::CrossEntropy => vec![(one_hot(&[0, 3, 1, 4], 5), vec![4, 5])],
+        Op::PoolScatter => vec![(random_values(&mut r, 2 * 3 * 6 * 7, 1.0), vec![2, 3, 6, 7])],
         _ => vec![],
     };
     let out_dims = {
@@ -188,10 +241,16 @@ impl HostCase {
     }
 }
 
+/// Runs `f` on the native kernels and on the reference path, with the path's name.
+fn on_both_paths(mut f: impl FnMut(&str)) {
+    f("native");
+    kernels::with_reference_ops(|| f("reference"));
+}
+
 #[test]
 fn every_op_first_and_second_derivatives_match_finite_differences_in_f64() {
     let mut failures = Vec::new();
-    for (k, op) in ALL_OPS.iter().enumerate() {
+    on_both_paths(|path| for (k, op) in ALL_OPS.iter().enumerate() {
         let (loss, x) = host_case(*op, 100 + k as u64).load::<Flex>(*op, F64, &DEV);
         let (_, grad) = value_and_grad(&loss, &x);
         let grad_norm = norm(&flatten(&grad));
@@ -206,16 +265,34 @@ fn every_op_first_and_second_derivatives_match_finite_differences_in_f64() {
             let (_, _, hd) = hvp(&loss, &x, &d);
             let second = relative_error(&flatten(&hd), &fd_hvp(&loss, &x, &d));
             if !(first < 1e-6 && second < 1e-6) {
-                failures.push(format!("{op:?}: first-derivative error {first:.2e}, Hessian-vector error {second:.2e}"));
+                failures.push(format!("{op:?} ({path}): first-derivative error {first:.2e}, Hessian-vector error {second:.2e}"));
             }
         }
-    }
+    });
     assert!(failures.is_empty(), "derivatives off:\n{}", failures.join("\n"));
 }
 
 #[test]
-fn outer_level_gradient_equals_single_level_gradient_for_every_op() {
+fn every_op_on_the_native_kernels_equals_the_reference_path_in_f64() {
+    // Value, gradient and Hessian-vector product, through both autodiff levels.
     for (k, op) in ALL_OPS.iter().enumerate() {
+        let (loss, x) = host_case(*op, 500 + k as u64).load::<Flex>(*op, F64, &DEV);
+        let d = random_unit_direction(&mut rng(600 + k as u64), &x);
+        let run = || {
+            let (value, grad, hd) = hvp(&loss, &x, &d);
+            (value.item(), flatten(&grad), flatten(&hd))
+        };
+        let (value, grad, hd) = run();
+        let (ref_value, ref_grad, ref_hd) = kernels::with_reference_ops(run);
+        assert!((value - ref_value).abs() <= 1e-12 * ref_value.abs().max(1.0), "{op:?}: value {value} vs {ref_value}");
+        let (e_grad, e_hvp) = (relative_error(&grad, &ref_grad), relative_error(&hd, &ref_hd));
+        assert!(e_grad < 1e-10 && e_hvp < 1e-10, "{op:?}: gradient off by {e_grad:.2e}, Hessian-vector product by {e_hvp:.2e}");
+    }
+}
+
+#[test]
+fn outer_level_gradient_equals_single_level_gradient_for_every_op() {
+    on_both_paths(|path| for (k, op) in ALL_OPS.iter().enumerate() {
         let (loss, x) = host_case(*op, 300 + k as u64).load::<Flex>(*op, F64, &DEV);
         let (_, single) = value_and_grad(&loss, &x);
         // The same gradient taken one level up, through Autodiff<Autodiff<Flex>>.
@@ -223,8 +300,8 @@ fn outer_level_gradient_equals_single_level_gradient_for_every_op() {
         let (_, nested) = value_and_grad(&loss, &lifted);
         let nested: Vec<Tensor<Flex>> = nested.iter().map(|g| g.to_base()).collect();
         let err = relative_error(&flatten(&nested), &flatten(&single));
-        assert!(err < 1e-12, "{op:?}: nested gradient differs from single-level gradient by {err:.2e}");
-    }
+        assert!(err < 1e-12, "{op:?} ({path}): nested gradient differs from single-level gradient by {err:.2e}");
+    });
 }
 
 #[test]

@@ -1,0 +1,471 @@
+//! Native CPU kernels for the Conv-4 operations on Flex (f32 and f64).
+//!
+//! Convolution is im2col + one matrix product per (image, group, block of
+//! output channels), with gemm's own micro-kernels: the 3×3, padding-1 im2col
+//! is a handful of row copies, each worker reuses one scratch buffer, and work
+//! is spread over images × groups × channel blocks so that two cores stay busy
+//! even for five images. The input gradient is the same convolution with the
+//! weights transposed and flipped; the weight gradient accumulates one matrix
+//! product per image into per-worker partial sums. Batch norm and pooling are
+//! one or two passes over the data, parallel over channels or planes.
+
+use std::borrow::Cow;
+use std::cell::RefCell;
+
+use burn::backend::flex::{Flex, FlexTensor};
+use burn::backend::{DType, Shape, TensorData, TensorMetadata};
+use rayon::prelude::*;
+
+use super::{ConvNetOps, KernelSettings};
+
+/// Workers a kernel may use: the pool's, unless the caller already runs one
+/// task per core (then a kernel stays on its own thread: handing work to the
+/// pool from every task thread costs more than it gains).
+fn workers() -> usize {
+    if KernelSettings::current().serial { 1 } else { rayon::current_num_threads() }
+}
+
+/// `f(i, chunk)` for each `chunk`-sized piece of `data`, over the workers.
+fn for_each_chunk<E: Send>(data: &mut [E], chunk: usize, f: impl Fn(usize, &mut [E]) + Sync + Send) {
+    if workers() > 1 {
+        data.par_chunks_mut(chunk).enumerate().for_each(|(i, c)| f(i, c));
+    } else {
+        data.chunks_mut(chunk).enumerate().for_each(|(i, c)| f(i, c));
+    }
+}
+
+/// `f(i, a_chunk, b_chunk)` for matching pieces of two outputs, over the workers.
+fn for_each_chunk2<A: Send, B: Send>(
+    a: &mut [A],
+    b: &mut [B],
+    chunk: usize,
+    f: impl Fn(usize, &mut [A], &mut [B]) + Sync + Send,
+) {
+    if workers() > 1 {
+        a.par_chunks_mut(chunk).zip(b.par_chunks_mut(chunk)).enumerate().for_each(|(i, (x, y))| f(i, x, y));
+    } else {
+        a.chunks_mut(chunk).zip(b.chunks_mut(chunk)).enumerate().for_each(|(i, (x, y))| f(i, x, y));
+    }
+}
+
+/// `[f(0), .., f(n − 1)]` over the workers.
+fn map_range<T: Send>(n: usize, f: impl Fn(usize) -> T + Sync + Send) -> Vec<T> {
+    if workers() > 1 { (0..n).into_par_iter().map(f).collect() } else { (0..n).map(f).collect() }
+}
+
+/// The float types the kernels run in.
+trait Real:
+    Copy
+    + Send
+    + Sync
+    + PartialOrd
+    + std::ops::Add<Output = Self>
+    + std::ops::Sub<Output = Self>
+    + std::ops::Mul<Output = Self>
+    + std::ops::AddAssign
+    + 'static
+{
+    const ZERO: Self;
+    const ONE: Self;
+    fn from_f64(v: f64) -> Self;
+    fn sqrt(self) -> Self;
+    fn recip(self) -> Self;
+    fn values(t: &FlexTensor) -> Cow<'_, [Self]>;
+    fn tensor(values: Vec<Self>, dims: &[usize]) -> FlexTensor;
+    /// This thread's scratch buffer of at least `len` elements.
+    fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [Self]) -> R) -> R;
+}
+
+macro_rules! real {
+    ($t:ty, $scratch:ident) => {
+        thread_local! {
+            static $scratch: RefCell<Vec<$t>> = const { RefCell::new(Vec::new()) };
+        }
+        impl Real for $t {
+            const ZERO: Self = 0.0;
+            const ONE: Self = 1.0;
+            fn from_f64(v: f64) -> Self {
+                v as $t
+            }
+            fn sqrt(self) -> Self {
+                <$t>::sqrt(self)
+            }
+            fn recip(self) -> Self {
+                1.0 / self
+            }
+            fn values(t: &FlexTensor) -> Cow<'_, [Self]> {
+                match t.as_slice::<$t>() {
+                    Some(s) => Cow::Borrowed(s),
+                    None => Cow::Owned(t.to_contiguous().as_slice::<$t>().expect("a contiguous tensor of its own dtype").to_vec()),
+                }
+            }
+            fn tensor(values: Vec<Self>, dims: &[usize]) -> FlexTensor {
+                FlexTensor::from_data(TensorData::new(values, Shape::from(dims.to_vec())))
+            }
+            fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [Self]) -> R) -> R {
+                $scratch.with(|s| {
+                    let mut s = s.borrow_mut();
+                    if s.len() < len {
+                        s.resize(len, 0.0);
+                    }
+                    f(&mut s[..len])
+                })
+            }
+        }
+    };
+}
+real!(f32, SCRATCH_F32);
+real!(f64, SCRATCH_F64);
+
+fn dims(t: &FlexTensor) -> Vec<usize> {
+    t.shape().to_vec()
+}
+
+/// Runs the f32 or f64 instance of a kernel for the dtype of `t`.
+macro_rules! by_dtype {
+    ($t:expr, $kernel:ident ( $($arg:expr),* )) => {
+        match $t.dtype() {
+            DType::F32 => $kernel::<f32>($($arg),*),
+            DType::F64 => $kernel::<f64>($($arg),*),
+            other => panic!("Conv-4 kernels run in f32 or f64, not {other:?}"),
+        }
+    };
+}
+
+/// C[m×n] (row stride `ldc`) = or += A[m×k] (row stride `lda`) · B, with B
+/// read through explicit strides, on this thread.
+#[allow(clippy::too_many_arguments)]
+fn matmul<E: Real>(
+    m: usize,
+    n: usize,
+    k: usize,
+    c: &mut [E],
+    ldc: usize,
+    accumulate: bool,
+    a: &[E],
+    lda: usize,
+    b: &[E],
+    b_row_stride: usize,
+    b_col_stride: usize,
+) {
+    debug_assert!(m == 0 || c.len() >= (m - 1) * ldc + n);
+    debug_assert!(m == 0 || a.len() >= (m - 1) * lda + k);
+    debug_assert!(k == 0 || n == 0 || b.len() > (k - 1) * b_row_stride + (n - 1) * b_col_stride);
+    // SAFETY: the asserts above bound every element gemm touches inside the
+    // three slices, and `c` is borrowed mutably, so nothing else aliases it.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            c.as_mut_ptr(),
+            1,
+            ldc as isize,
+            accumulate,
+            a.as_ptr(),
+            1,
+            lda as isize,
+            b.as_ptr(),
+            b_col_stride as isize,
+            b_row_stride as isize,
+            E::ONE,
+            E::ONE,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
+}
+
+/// im2col for a 3×3 kernel with padding 1: `x` [C, H, W] to `col` [C·9, H·W].
+fn im2col<E: Real>(x: &[E], c: usize, h: usize, w: usize, col: &mut [E]) {
+    let hw = h * w;
+    for ch in 0..c {
+        let plane = &x[ch * hw..(ch + 1) * hw];
+        for ki in 0..3 {
+            for kj in 0..3 {
+                let row = &mut col[(ch * 9 + ki * 3 + kj) * hw..][..hw];
+                for i in 0..h {
+                    let out = &mut row[i * w..(i + 1) * w];
+                    let si = i as isize + ki as isize - 1;
+                    if si < 0 || si >= h as isize {
+                        out.fill(E::ZERO);
+                        continue;
+                    }
+                    let src = &plane[si as usize * w..(si as usize + 1) * w];
+                    match kj {
+                        0 => {
+                            out[0] = E::ZERO;
+                            out[1..].copy_from_slice(&src[..w - 1]);
+                        }
+                        1 => out.copy_from_slice(src),
+                        _ => {
+                            out[..w - 1].copy_from_slice(&src[1..]);
+                            out[w - 1] = E::ZERO;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// How many blocks to split `rows` output channels into so that `items`
+/// independent products keep every worker busy (at least 8 rows a block).
+fn row_blocks(items: usize, rows: usize) -> usize {
+    let workers = workers();
+    let mut blocks = 1;
+    while workers > 1 && items * blocks < 4 * workers && rows % (blocks * 2) == 0 && rows / (blocks * 2) >= 8 {
+        blocks *= 2;
+    }
+    blocks
+}
+
+/// x [N, G·Ci, H, W] ⋆ w [G·Co, Ci, 3, 3] → [N, G·Co, H, W].
+fn conv3x3_kernel<E: Real>(x: &FlexTensor, w: &FlexTensor, groups: usize) -> FlexTensor {
+    let ([n, cin, h, wd], [cout, ci, _, _]) = (dims4(x), dims4(w));
+    let (g, hw) = (groups, h * wd);
+    let co = cout / g;
+    assert_eq!(cin, g * ci, "conv3x3: input channels {cin} do not match the weight [{cout}, {ci}, 3, 3] in {g} groups");
+    let (xv, wv) = (E::values(x), E::values(w));
+    let blocks = row_blocks(n * g, co);
+    let rows = co / blocks;
+    let k = ci * 9;
+    let mut y = vec![E::ZERO; n * cout * hw];
+    for_each_chunk(&mut y, rows * hw, |item, out| {
+        let (image, rest) = (item / (g * blocks), item % (g * blocks));
+        let (group, block) = (rest / blocks, rest % blocks);
+        let input = &xv[(image * cin + group * ci) * hw..][..ci * hw];
+        let weights = &wv[(group * co + block * rows) * k..][..rows * k];
+        E::with_scratch(k * hw, |col| {
+            im2col(input, ci, h, wd, col);
+            matmul(rows, hw, k, out, hw, false, weights, k, col, hw, 1);
+        });
+    });
+    E::tensor(y, &[n, cout, h, wd])
+}
+
+/// The weights of the input gradient: w [G·Co, Ci, 3, 3] → [G·Ci, Co, 3, 3]
+/// with each 3×3 kernel flipped.
+fn transpose_flip<E: Real>(w: &FlexTensor, groups: usize) -> FlexTensor {
+    let [cout, ci, _, _] = dims4(w);
+    let co = cout / groups;
+    let wv = E::values(w);
+    let mut out = vec![E::ZERO; wv.len()];
+    for g in 0..groups {
+        for o in 0..co {
+            for c in 0..ci {
+                let src = &wv[((g * co + o) * ci + c) * 9..][..9];
+                let dst = &mut out[((g * ci + c) * co + o) * 9..][..9];
+                for t in 0..9 {
+                    dst[t] = src[8 - t];
+                }
+            }
+        }
+    }
+    E::tensor(out, &[groups * ci, co, 3, 3])
+}
+
+/// Σ over images of dy_n [Co, H·W] · im2col(x_n)ᵀ, per group → [G·Co, Ci, 3, 3].
+fn conv3x3_weight_grad_kernel<E: Real>(x: &FlexTensor, dy: &FlexTensor, groups: usize) -> FlexTensor {
+    let ([n, cin, h, wd], [_, cout, _, _]) = (dims4(x), dims4(dy));
+    let (g, hw) = (groups, h * wd);
+    let (ci, co) = (cin / g, cout / g);
+    let k = ci * 9;
+    let (xv, dyv) = (E::values(x), E::values(dy));
+    // One group's gradient over a range of images, added into `out` [Co, Ci·9].
+    let accumulate = |group: usize, images: std::ops::Range<usize>, out: &mut [E]| {
+        E::with_scratch(k * hw, |col| {
+            for image in images {
+                im2col(&xv[(image * cin + group * ci) * hw..][..ci * hw], ci, h, wd, col);
+                let grad = &dyv[(image * cout + group * co) * hw..][..co * hw];
+                matmul(co, k, hw, out, k, true, grad, hw, col, 1, hw);
+            }
+        })
+    };
+    let mut dw = vec![E::ZERO; cout * k];
+    let workers = workers();
+    if g >= workers || n == 1 {
+        for_each_chunk(&mut dw, co * k, |group, out| accumulate(group, 0..n, out));
+    } else {
+        // Few groups: split the images between workers, then add the partial sums.
+        let parts = workers.min(n).max(1);
+        for (group, out) in dw.chunks_mut(co * k).enumerate() {
+            let partial: Vec<Vec<E>> = map_range(parts, |p| {
+                let mut acc = vec![E::ZERO; co * k];
+                accumulate(group, p * n / parts..(p + 1) * n / parts, &mut acc);
+                acc
+            });
+            for acc in partial {
+                out.iter_mut().zip(acc).for_each(|(o, a)| *o += a);
+            }
+        }
+    }
+    E::tensor(dw, &[cout, ci, 3, 3])
+}
+
+fn dims4(t: &FlexTensor) -> [usize; 4] {
+    let d = dims(t);
+    assert_eq!(d.len(), 4, "Conv-4 kernels take [N, C, H, W] tensors, got {d:?}");
+    [d[0], d[1], d[2], d[3]]
+}
+
+/// Mean and 1/sqrt(var + eps) of each channel of x [N, C, H·W] (two passes,
+/// as the reference computes them).
+fn channel_stats<E: Real>(x: &[E], n: usize, c: usize, hw: usize, eps: f64) -> Vec<(E, E)> {
+    let m = E::from_f64(1.0 / (n * hw) as f64);
+    map_range(c, |ch| {
+        let planes = || (0..n).map(move |i| &x[(i * c + ch) * hw..][..hw]);
+        let mut sum = E::ZERO;
+        planes().for_each(|p| p.iter().for_each(|&v| sum += v));
+        let mean = sum * m;
+        let mut sq = E::ZERO;
+        planes().for_each(|p| p.iter().for_each(|&v| sq += (v - mean) * (v - mean)));
+        (mean, (sq * m + E::from_f64(eps)).sqrt().recip())
+    })
+}
+
+fn batch_norm_kernel<E: Real>(x: &FlexTensor, gamma: &FlexTensor, beta: &FlexTensor, eps: f64) -> FlexTensor {
+    let [n, c, h, w] = dims4(x);
+    let hw = h * w;
+    let (xv, gv, bv) = (E::values(x), E::values(gamma), E::values(beta));
+    let stats = channel_stats(&xv, n, c, hw, eps);
+    let mut y = vec![E::ZERO; xv.len()];
+    for_each_chunk(&mut y, hw, |plane, out| {
+        let ch = plane % c;
+        let inp = &xv[plane * hw..][..hw];
+        let (mean, inv) = stats[ch];
+        let (scale, shift) = (gv[ch] * inv, bv[ch]);
+        out.iter_mut().zip(inp).for_each(|(o, &v)| *o = (v - mean) * scale + shift);
+    });
+    E::tensor(y, &[n, c, h, w])
+}
+
+fn batch_norm_grad_kernel<E: Real>(x: &FlexTensor, gamma: &FlexTensor, dy: &FlexTensor, eps: f64) -> [FlexTensor; 3] {
+    let [n, c, h, w] = dims4(x);
+    let hw = h * w;
+    let (xv, gv, dyv) = (E::values(x), E::values(gamma), E::values(dy));
+    let stats = channel_stats(&xv, n, c, hw, eps);
+    // Per channel: Σ dy and Σ dy·x̂.
+    let sums: Vec<(E, E)> = map_range(c, |ch| {
+        let (mean, inv) = stats[ch];
+        let (mut d_beta, mut d_gamma) = (E::ZERO, E::ZERO);
+        for i in 0..n {
+            let at = (i * c + ch) * hw;
+            for (&v, &g) in xv[at..at + hw].iter().zip(&dyv[at..at + hw]) {
+                d_beta += g;
+                d_gamma += g * ((v - mean) * inv);
+            }
+        }
+        (d_beta, d_gamma)
+    });
+    let m = E::from_f64(1.0 / (n * hw) as f64);
+    let mut dx = vec![E::ZERO; xv.len()];
+    for_each_chunk(&mut dx, hw, |plane, out| {
+        let ch = plane % c;
+        let ((mean, inv), (d_beta, d_gamma)) = (stats[ch], sums[ch]);
+        let (scale, shift, slope) = (gv[ch] * inv, d_beta * m, d_gamma * m);
+        let at = plane * hw;
+        for ((o, &v), &g) in out.iter_mut().zip(&xv[at..at + hw]).zip(&dyv[at..at + hw]) {
+            *o = scale * (g - shift - (v - mean) * inv * slope);
+        }
+    });
+    let (d_beta, d_gamma): (Vec<E>, Vec<E>) = sums.into_iter().unzip();
+    [E::tensor(dx, &[n, c, h, w]), E::tensor(d_gamma, &[c]), E::tensor(d_beta, &[c])]
+}
+
+fn max_pool_kernel<E: Real>(x: &FlexTensor) -> (FlexTensor, FlexTensor) {
+    let [n, c, h, w] = dims4(x);
+    let (ho, wo) = (h / 2, w / 2);
+    let xv = E::values(x);
+    let mut y = vec![E::ZERO; n * c * ho * wo];
+    let mut at = vec![0i32; y.len()];
+    for_each_chunk2(&mut y, &mut at, ho * wo, |plane, out, idx| {
+        let p = &xv[plane * h * w..][..h * w];
+        for i in 0..ho {
+            for j in 0..wo {
+                let top = 2 * i * w + 2 * j;
+                // The first maximum in row-major window order, as Burn's pooling picks it.
+                let mut best = top;
+                for cand in [top + 1, top + w, top + w + 1] {
+                    if p[cand] > p[best] {
+                        best = cand;
+                    }
+                }
+                out[i * wo + j] = p[best];
+                idx[i * wo + j] = best as i32;
+            }
+        }
+    });
+    (E::tensor(y, &[n, c, ho, wo]), FlexTensor::from_data(TensorData::new(at, Shape::from(vec![n, c, ho, wo]))))
+}
+
+fn positions(indices: &FlexTensor) -> Cow<'_, [i32]> {
+    match indices.as_slice::<i32>() {
+        Some(s) => Cow::Borrowed(s),
+        None => Cow::Owned(
+            FlexTensor::from_data(indices.clone().into_data().convert::<i32>()).as_slice::<i32>().expect("i32 positions").to_vec(),
+        ),
+    }
+}
+
+fn pool_gather_kernel<E: Real>(x: &FlexTensor, indices: &FlexTensor) -> FlexTensor {
+    let ([_, _, h, w], [n, c, ho, wo]) = (dims4(x), dims4(indices));
+    let (xv, at) = (E::values(x), positions(indices));
+    let mut y = vec![E::ZERO; n * c * ho * wo];
+    for_each_chunk(&mut y, ho * wo, |plane, out| {
+        let p = &xv[plane * h * w..][..h * w];
+        let idx = &at[plane * ho * wo..][..ho * wo];
+        out.iter_mut().zip(idx).for_each(|(o, &i)| *o = p[i as usize]);
+    });
+    E::tensor(y, &[n, c, ho, wo])
+}
+
+fn pool_scatter_kernel<E: Real>(dy: &FlexTensor, indices: &FlexTensor, h: usize, w: usize) -> FlexTensor {
+    let [n, c, ho, wo] = dims4(dy);
+    let (dyv, at) = (E::values(dy), positions(indices));
+    let mut dx = vec![E::ZERO; n * c * h * w];
+    for_each_chunk(&mut dx, h * w, |plane, out| {
+        let (grad, idx) = (&dyv[plane * ho * wo..][..ho * wo], &at[plane * ho * wo..][..ho * wo]);
+        grad.iter().zip(idx).for_each(|(&g, &i)| out[i as usize] += g);
+    });
+    E::tensor(dx, &[n, c, h, w])
+}
+
+impl ConvNetOps for Flex {
+    const NATIVE: bool = true;
+
+    fn conv3x3(x: FlexTensor, w: FlexTensor, groups: usize) -> FlexTensor {
+        by_dtype!(x, conv3x3_kernel(&x, &w, groups))
+    }
+
+    fn conv3x3_input_grad(dy: FlexTensor, w: FlexTensor, groups: usize) -> FlexTensor {
+        let flipped = by_dtype!(w, transpose_flip(&w, groups));
+        by_dtype!(dy, conv3x3_kernel(&dy, &flipped, groups))
+    }
+
+    fn conv3x3_weight_grad(x: FlexTensor, dy: FlexTensor, groups: usize) -> FlexTensor {
+        by_dtype!(x, conv3x3_weight_grad_kernel(&x, &dy, groups))
+    }
+
+    fn batch_norm_on_batch(x: FlexTensor, gamma: FlexTensor, beta: FlexTensor, eps: f64) -> FlexTensor {
+        by_dtype!(x, batch_norm_kernel(&x, &gamma, &beta, eps))
+    }
+
+    fn batch_norm_on_batch_grad(x: FlexTensor, gamma: FlexTensor, dy: FlexTensor, eps: f64) -> [FlexTensor; 3] {
+        by_dtype!(x, batch_norm_grad_kernel(&x, &gamma, &dy, eps))
+    }
+
+    fn max_pool2x2(x: FlexTensor) -> (FlexTensor, FlexTensor) {
+        by_dtype!(x, max_pool_kernel(&x))
+    }
+
+    fn pool_gather(x: FlexTensor, indices: FlexTensor) -> FlexTensor {
+        by_dtype!(x, pool_gather_kernel(&x, &indices))
+    }
+
+    fn pool_scatter(dy: FlexTensor, indices: FlexTensor, height: usize, width: usize) -> FlexTensor {
+        by_dtype!(dy, pool_scatter_kernel(&dy, &indices, height, width))
+    }
+}
