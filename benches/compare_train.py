@@ -68,31 +68,33 @@ def main():
     ap.add_argument("--workloads", default="", help="omniglot-5w1s, omniglot-20w1s, mini-imagenet-5w1s (default: all)")
     ap.add_argument("--inner-steps", default="", help="comma-separated r grid (default: each workload's own)")
     ap.add_argument("--queries", type=int, default=0, help="query images per class (default: each workload's own)")
+    ap.add_argument("--meta-batch", type=int, default=0, help="tasks per meta-batch (default: each workload's own)")
+    ap.add_argument("--kernels", default="native", help="metagrad's Conv-4 kernels, comma-separated: native, burn (Burn's generic operations)")
     args = ap.parse_args()
     selection = ((["--workloads", args.workloads] if args.workloads else []) + (["--inner-steps", args.inner_steps] if args.inner_steps else [])
-                 + (["--queries", str(args.queries)] if args.queries else []))
+                 + (["--queries", str(args.queries)] if args.queries else []) + (["--meta-batch", str(args.meta_batch)] if args.meta_batch else []))
     with tempfile.TemporaryDirectory() as tmp:
         worst = check_hypergradients(args.metagrad, tmp, args.backend)
         if worst > 1e-4:
             sys.exit(f"the hypergradients differ (relative {worst:.2e}): the timings below would not compare like with like")
         ours_path, theirs_path = os.path.join(tmp, "ours.json"), os.path.join(tmp, "torch.json")
         subprocess.run([args.metagrad, "bench", "train", "--backend", args.backend, "--steps", str(args.steps),
-                        "--modes", args.modes, "--json", ours_path] + selection, check=True)
+                        "--modes", args.modes, "--kernels", args.kernels, "--json", ours_path] + selection, check=True)
         subprocess.run([sys.executable, os.path.join(here, "pytorch_train.py"), "--device", args.device,
                         "--threads", str(args.threads), "--steps", str(args.steps), "--modes", args.modes,
                         "--json", theirs_path] + selection, check=True)
         key = lambda r: (r["workload"], r["mode"], r["inner_steps"], r.get("queries"))  # noqa: E731
-        ours = {key(r): r for r in json.load(open(ours_path))}
+        ours = json.load(open(ours_path))
         theirs = {key(r): r for r in json.load(open(theirs_path))}
-    print(f"\n{'workload':<28} {'mode':<7} {'r':>3} {'queries':>7} {'metagrad it/s':>14} {'pytorch it/s':>13} {'ours/pytorch':>13}"
+    print(f"\n{'workload':<28} {'mode':<7} {'r':>3} {'queries':>7} {'kernels':>7} {'metagrad it/s':>14} {'pytorch it/s':>13} {'ours/pytorch':>13}"
           f" {'metagrad MiB':>13} {'pytorch MiB':>12}")
     mib = lambda v: "n/a" if v is None else f"{v:.0f}"  # noqa: E731
-    for k, r in ours.items():
-        t = theirs.get(k)
+    for r in ours:
+        k, t = key(r), theirs.get(key(r))
         if t:
             ratio = r["meta_iterations_per_second"] / t["meta_iterations_per_second"]
-            print(f"{k[0]:<28} {k[1]:<7} {k[2]:>3} {k[3] or '':>7} {r['meta_iterations_per_second']:>14.3f} {t['meta_iterations_per_second']:>13.3f}"
-                  f" {ratio:>13.2f} {mib(r.get('peak_memory_mib')):>13} {mib(t.get('peak_memory_mib')):>12}")
+            print(f"{k[0]:<28} {k[1]:<7} {k[2]:>3} {k[3] or '':>7} {r.get('kernels', 'native'):>7} {r['meta_iterations_per_second']:>14.3f}"
+                  f" {t['meta_iterations_per_second']:>13.3f} {ratio:>13.2f} {mib(r.get('peak_memory_mib')):>13} {mib(t.get('peak_memory_mib')):>12}")
 
 
 if __name__ == "__main__":

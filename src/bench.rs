@@ -437,6 +437,13 @@ pub struct TrainRow {
     /// utilisation sampled beside the run.
     pub timed_s: f64,
     pub finished_unix_s: f64,
+    /// The Conv-4 kernels: native or burn (Burn's generic operations).
+    pub kernels: String,
+    pub precision: String,
+    /// Seconds the cores spent in the native convolutions per meta-iteration,
+    /// and the GFLOP/s they achieved per core there (native CPU kernels only).
+    pub conv_core_s: Option<f64>,
+    pub conv_gflops_per_core: Option<f64>,
     /// Peak memory of the training run above its start, and where it was read.
     pub peak_memory_mib: Option<f64>,
     pub memory_source: String,
@@ -489,6 +496,8 @@ pub struct TrainBench {
     /// Query images per class instead of each workload's own (15): the MAML
     /// paper's Omniglot runs use as many queries as shots.
     pub queries: Option<usize>,
+    /// The Conv-4 kernels to time each case with (native first is the default).
+    pub kernels: Vec<crate::kernels::KernelPath>,
 }
 
 /// A training job that also reports its peak memory on the backend it runs on.
@@ -540,19 +549,35 @@ pub fn train_bench(bench: &TrainBench) -> anyhow::Result<Vec<TrainRow>> {
                     dir.display()
                 );
                 let config = crate::config::Config::parse(&text, &[], "benchmark")?;
-                let _ = std::fs::remove_dir_all(config.run_dir());
-                let job = crate::train::TrainJob {
-                    config: config.clone(),
-                    resume: None,
-                    progress: false,
-                    stop: Arc::new(std::sync::atomic::AtomicBool::new(false)),
-                    splits: Some((split.clone(), None)),
-                    task_batching: bench.batched,
-                };
-                let (outcome, peak_memory_mib, memory_source) = crate::backend::dispatch(bench.selection, MeasuredTrain(job))?;
-                let row = train_row(w, mode, r, bench, &outcome.timings, peak_memory_mib, memory_source);
-                eprintln!("{} {mode} r={r}: {:.3} meta-iterations/s (first meta-iteration {:.1} s)", w.name, row.meta_iterations_per_second, row.first_iteration_s);
-                rows.push(row);
+                for &kernels in &bench.kernels {
+                    let _ = std::fs::remove_dir_all(config.run_dir());
+                    let job = crate::train::TrainJob {
+                        config: config.clone(),
+                        resume: None,
+                        progress: false,
+                        stop: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+                        splits: Some((split.clone(), None)),
+                        task_batching: bench.batched,
+                    };
+                    crate::kernels::start_counting_convolutions();
+                    let measured = kernels.run(|| crate::backend::dispatch(bench.selection, MeasuredTrain(job)));
+                    let conv = crate::kernels::stop_counting_convolutions();
+                    let (outcome, peak_memory_mib, memory_source) = measured?;
+                    let mut row = train_row(w, mode, r, bench, &outcome.timings, peak_memory_mib, memory_source);
+                    row.kernels = kernels.name().to_string();
+                    if conv.core_seconds > 0.0 {
+                        row.conv_core_s = Some(conv.core_seconds / outcome.timings.len() as f64);
+                        row.conv_gflops_per_core = conv.gflops_per_core();
+                    }
+                    eprintln!(
+                        "{} {mode} r={r} ({} kernels): {:.3} meta-iterations/s (first meta-iteration {:.1} s)",
+                        w.name,
+                        row.kernels,
+                        row.meta_iterations_per_second,
+                        row.first_iteration_s
+                    );
+                    rows.push(row);
+                }
             }
         }
     }
@@ -597,6 +622,10 @@ fn train_row(w: &TrainWorkload, mode: &str, r: usize, bench: &TrainBench, timing
         timed_s: timed.iter().map(total).sum(),
         // Called as the run returns: its timed meta-iterations ended now.
         finished_unix_s: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64()),
+        kernels: String::new(),
+        precision: bench.selection.precision.name().to_string(),
+        conv_core_s: None,
+        conv_gflops_per_core: None,
         peak_memory_mib,
         memory_source,
     }
@@ -604,18 +633,23 @@ fn train_row(w: &TrainWorkload, mode: &str, r: usize, bench: &TrainBench, timing
 
 pub fn format_train_table(rows: &[TrainRow]) -> String {
     let mut out = format!(
-        "{:<27} {:<7} {:<8} {:<7} {:>5} {:>3} {:>9} {:>9} {:>6} {:>6} {:>6} {:>6} {:>6} {:>6} {:>6} {:>9} {:>8}\n",
-        "workload", "backend", "mode", "batched", "tasks", "r", "meta-it/s", "s/meta-it", "data", "fwd", "bwd", "hvp", "hg-oth", "adam", "other", "peak MiB", "first s"
+        "{:<27} {:<7} {:<8} {:<7} {:<7} {:>5} {:>3} {:>9} {:>9} {:>6} {:>6} {:>6} {:>6} {:>6} {:>6} {:>6} {:>6} {:>8} {:>9} {:>8}\n",
+        "workload", "backend", "mode", "kernels", "batched", "tasks", "r", "meta-it/s", "s/meta-it", "data", "fwd", "bwd", "hvp", "hg-oth", "adam", "other", "conv", "conv GF/s", "peak MiB", "first s"
     );
     for r in rows {
         let pct = |v: f64| format!("{:.0}%", 100.0 * v / r.seconds_per_meta_iteration);
         let split = |v: f64| if r.phase_split { pct(v) } else { "-".to_string() };
         let mem = r.peak_memory_mib.map(|m| format!("{m:.0}")).unwrap_or_else(|| "n/a".into());
+        // Core seconds in convolutions against the cores' wall seconds.
+        let cores = std::thread::available_parallelism().map_or(1, |c| c.get()) as f64;
+        let conv_share = r.conv_core_s.map_or("-".to_string(), |c| format!("{:.0}%", 100.0 * c / (cores * r.seconds_per_meta_iteration)));
+        let conv_rate = r.conv_gflops_per_core.map_or("-".to_string(), |g| format!("{g:.1}"));
         out.push_str(&format!(
-            "{:<27} {:<7} {:<8} {:<7} {:>5} {:>3} {:>9.3} {:>9.2} {:>6} {:>6} {:>6} {:>6} {:>6} {:>6} {:>6} {:>9} {:>8.1}\n",
+            "{:<27} {:<7} {:<8} {:<7} {:<7} {:>5} {:>3} {:>9.3} {:>9.2} {:>6} {:>6} {:>6} {:>6} {:>6} {:>6} {:>6} {:>6} {:>8} {:>9} {:>8.1}\n",
             r.workload,
             r.backend,
             r.mode,
+            r.kernels,
             r.batched,
             r.meta_batch,
             r.inner_steps,
@@ -628,9 +662,19 @@ pub fn format_train_table(rows: &[TrainRow]) -> String {
             split(r.hypergradient_other_s),
             pct(r.optimizer_s),
             pct(r.other_s),
+            conv_share,
+            conv_rate,
             mem,
             r.first_iteration_s
         ));
+    }
+    if rows.iter().any(|r| r.conv_gflops_per_core.is_some()) {
+        let f64_run = rows.iter().any(|r| r.precision == "f64");
+        if let Some((peak, how)) = crate::kernels::peak_gflops_per_core(f64_run) {
+            out.push_str(&format!(
+                "conv: share of the cores' time in the native convolutions; conv GF/s: their achieved GFLOP/s per core, against a peak of about {peak:.0} per core ({how})\n"
+            ));
+        }
     }
     out
 }

@@ -363,6 +363,10 @@ enum BenchCommand {
         /// Query images per class for every workload (default: each workload's own, 15 or 5).
         #[arg(long)]
         queries: Option<usize>,
+        /// Conv-4 kernels to time each case with, comma-separated: native (the
+        /// CPU's own kernels) and burn (Burn's generic operations, for comparison).
+        #[arg(long, value_delimiter = ',', default_value = "native")]
+        kernels: Vec<metagrad::kernels::KernelPath>,
         #[arg(long)]
         json: Option<PathBuf>,
     },
@@ -807,7 +811,7 @@ fn run_command(command: Command) -> Result<()> {
         Command::Train(args) => train(args).map(drop),
         Command::Eval(args) => eval(args),
         Command::Plot { run, out, checkpoint_dir } => plot(&run, &out, &checkpoint_dir),
-        Command::Bench { which: BenchCommand::Train { backend: args, steps, modes, workloads, inner_steps, task_batching, no_phase_split, meta_batch, queries, json } } => {
+        Command::Bench { which: BenchCommand::Train { backend: args, steps, modes, workloads, inner_steps, task_batching, no_phase_split, meta_batch, queries, kernels, json } } => {
             if inner_steps.contains(&0) {
                 bail!("--inner-steps: every mode needs at least 1 inner step");
             }
@@ -825,7 +829,7 @@ fn run_command(command: Command) -> Result<()> {
                 other => bail!("--task-batching {other}: expected auto, on or off"),
             };
             eprintln!("benchmarking training on {}{}", selection.describe(), if batched { ", stacked meta-batches" } else { ", task by task" });
-            let bench = metagrad::bench::TrainBench { selection, steps: steps.max(1), modes, workloads, inner_steps, batched, phase_split: !no_phase_split, meta_batch, queries };
+            let bench = metagrad::bench::TrainBench { selection, steps: steps.max(1), modes, workloads, inner_steps, batched, phase_split: !no_phase_split, meta_batch, queries, kernels };
             let rows = metagrad::bench::train_bench(&bench)?;
             report(&metagrad::bench::format_train_table(&rows), &rows, json)
         }

@@ -16,7 +16,7 @@ use burn::backend::flex::{Flex, FlexTensor};
 use burn::backend::{DType, Shape, TensorData, TensorMetadata};
 use rayon::prelude::*;
 
-use super::{ConvNetOps, KernelSettings};
+use super::{ConvNetOps, KernelSettings, count_convolution};
 
 /// Workers a kernel may use: the pool's, unless the caller already runs one
 /// task per core (then a kernel stays on its own thread: handing work to the
@@ -433,20 +433,29 @@ fn pool_scatter_kernel<E: Real>(dy: &FlexTensor, indices: &FlexTensor, h: usize,
     E::tensor(dx, &[n, c, h, w])
 }
 
+/// Multiply-adds × 2 of a 3×3 convolution between `a` [N, G·A, H, W] and `b`
+/// [N, G·B, H, W] (either way round: the three operations cost the same).
+fn conv_flop(a: &FlexTensor, b_channels: usize, groups: usize) -> usize {
+    let [n, a_channels, h, w] = dims4(a);
+    2 * n * a_channels * (b_channels / groups) * 9 * h * w
+}
+
 impl ConvNetOps for Flex {
     const NATIVE: bool = true;
 
     fn conv3x3(x: FlexTensor, w: FlexTensor, groups: usize) -> FlexTensor {
-        by_dtype!(x, conv3x3_kernel(&x, &w, groups))
+        count_convolution(conv_flop(&x, dims4(&w)[0], groups), workers(), || by_dtype!(x, conv3x3_kernel(&x, &w, groups)))
     }
 
     fn conv3x3_input_grad(dy: FlexTensor, w: FlexTensor, groups: usize) -> FlexTensor {
-        let flipped = by_dtype!(w, transpose_flip(&w, groups));
-        by_dtype!(dy, conv3x3_kernel(&dy, &flipped, groups))
+        count_convolution(conv_flop(&dy, dims4(&w)[1] * groups, groups), workers(), || {
+            let flipped = by_dtype!(w, transpose_flip(&w, groups));
+            by_dtype!(dy, conv3x3_kernel(&dy, &flipped, groups))
+        })
     }
 
     fn conv3x3_weight_grad(x: FlexTensor, dy: FlexTensor, groups: usize) -> FlexTensor {
-        by_dtype!(x, conv3x3_weight_grad_kernel(&x, &dy, groups))
+        count_convolution(conv_flop(&x, dims4(&dy)[1], groups), workers(), || by_dtype!(x, conv3x3_weight_grad_kernel(&x, &dy, groups)))
     }
 
     fn batch_norm_on_batch(x: FlexTensor, gamma: FlexTensor, beta: FlexTensor, eps: f64) -> FlexTensor {

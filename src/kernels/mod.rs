@@ -29,6 +29,7 @@ mod flex;
 pub mod reference;
 
 use std::cell::Cell;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use burn::backend::Backend;
 use burn::backend::tensor::{FloatTensor, IntTensor};
@@ -127,10 +128,122 @@ impl KernelSettings {
 /// Runs `f` with the Conv-4 operations on Burn's generic path on this thread
 /// (what the native kernels are tested and benchmarked against).
 pub fn with_reference_ops<R>(f: impl FnOnce() -> R) -> R {
-    KernelSettings { reference: true, ..KernelSettings::current() }.run(f)
+    KernelPath::Burn.run(f)
 }
 
 /// Whether operations of backend `B` run on the native kernels here and now.
 pub fn native<B: ConvNetOps>() -> bool {
     B::NATIVE && !KernelSettings::current().reference
+}
+
+/// Which implementation of the Conv-4 operations a run uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KernelPath {
+    /// The backend's native kernels where it has them (the CPU), else Burn's.
+    Native,
+    /// Burn's generic operations everywhere.
+    Burn,
+}
+
+impl KernelPath {
+    pub fn name(self) -> &'static str {
+        match self {
+            KernelPath::Native => "native",
+            KernelPath::Burn => "burn",
+        }
+    }
+
+    /// Runs `f` on this path (on this thread and the task threads it starts).
+    pub fn run<R>(self, f: impl FnOnce() -> R) -> R {
+        KernelSettings { reference: self == KernelPath::Burn, ..KernelSettings::current() }.run(f)
+    }
+}
+
+impl std::str::FromStr for KernelPath {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "native" => Ok(KernelPath::Native),
+            "burn" => Ok(KernelPath::Burn),
+            other => Err(format!("unknown kernels '{other}': expected native or burn")),
+        }
+    }
+}
+
+/// Convolution work done by the native kernels while counting is on: floating
+/// point operations, and the seconds the cores spent on them.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct ConvWork {
+    pub flop: f64,
+    pub core_seconds: f64,
+}
+
+impl ConvWork {
+    /// Achieved GFLOP/s per core inside the convolutions.
+    pub fn gflops_per_core(&self) -> Option<f64> {
+        (self.core_seconds > 0.0).then(|| self.flop / self.core_seconds / 1e9)
+    }
+}
+
+static COUNTING: AtomicBool = AtomicBool::new(false);
+static FLOP: AtomicU64 = AtomicU64::new(0);
+static CORE_NANOS: AtomicU64 = AtomicU64::new(0);
+
+/// Starts counting convolution work from zero (`bench train`); off by default,
+/// when a convolution costs one relaxed atomic load more.
+pub fn start_counting_convolutions() {
+    FLOP.store(0, Ordering::Relaxed);
+    CORE_NANOS.store(0, Ordering::Relaxed);
+    COUNTING.store(true, Ordering::Relaxed);
+}
+
+/// Stops counting and returns the work counted since the start.
+pub fn stop_counting_convolutions() -> ConvWork {
+    COUNTING.store(false, Ordering::Relaxed);
+    ConvWork { flop: FLOP.load(Ordering::Relaxed) as f64, core_seconds: CORE_NANOS.load(Ordering::Relaxed) as f64 * 1e-9 }
+}
+
+/// Runs one convolution of `flop` operations on `cores` cores, counting it
+/// when counting is on.
+fn count_convolution<R>(flop: usize, cores: usize, f: impl FnOnce() -> R) -> R {
+    if !COUNTING.load(Ordering::Relaxed) {
+        return f();
+    }
+    let start = std::time::Instant::now();
+    let out = f();
+    CORE_NANOS.fetch_add(start.elapsed().as_nanos() as u64 * cores as u64, Ordering::Relaxed);
+    FLOP.fetch_add(flop as u64, Ordering::Relaxed);
+    out
+}
+
+/// The peak FLOP/s of one core of this CPU, estimated from its vector units
+/// (fused multiply-add lanes × 2 per cycle) and its maximum clock, with how it
+/// was estimated. None off x86-64 or when the clock cannot be read.
+pub fn peak_gflops_per_core(f64_precision: bool) -> Option<(f64, String)> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let (flop_per_cycle, units) = if std::arch::is_x86_feature_detected!("avx512f") {
+            (64.0, "AVX-512")
+        } else if std::arch::is_x86_feature_detected!("fma") {
+            (32.0, "AVX2 FMA")
+        } else {
+            (8.0, "SSE")
+        };
+        let flop_per_cycle = if f64_precision { flop_per_cycle / 2.0 } else { flop_per_cycle };
+        let ghz = std::fs::read_to_string("/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq")
+            .ok()
+            .and_then(|s| s.trim().parse::<f64>().ok())
+            .map(|khz| khz / 1e6)
+            .or_else(|| {
+                let info = std::fs::read_to_string("/proc/cpuinfo").ok()?;
+                let line = info.lines().find(|l| l.starts_with("cpu MHz"))?;
+                line.split(':').nth(1)?.trim().parse::<f64>().ok().map(|mhz| mhz / 1e3)
+            })?;
+        Some((flop_per_cycle * ghz, format!("{units}, {flop_per_cycle:.0} FLOP/cycle at {ghz:.2} GHz")))
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = f64_precision;
+        None
+    }
 }
