@@ -68,8 +68,7 @@ trait Real:
     const ZERO: Self;
     const ONE: Self;
     fn from_f64(v: f64) -> Self;
-    fn sqrt(self) -> Self;
-    fn recip(self) -> Self;
+    fn to_f64(self) -> f64;
     fn values(t: &FlexTensor) -> Cow<'_, [Self]>;
     fn tensor(values: Vec<Self>, dims: &[usize]) -> FlexTensor;
     /// This thread's scratch buffer of at least `len` elements.
@@ -87,11 +86,8 @@ macro_rules! real {
             fn from_f64(v: f64) -> Self {
                 v as $t
             }
-            fn sqrt(self) -> Self {
-                <$t>::sqrt(self)
-            }
-            fn recip(self) -> Self {
-                1.0 / self
+            fn to_f64(self) -> f64 {
+                self as f64
             }
             fn values(t: &FlexTensor) -> Cow<'_, [Self]> {
                 match t.as_slice::<$t>() {
@@ -312,17 +308,15 @@ fn dims4(t: &FlexTensor) -> [usize; 4] {
 }
 
 /// Mean and 1/sqrt(var + eps) of each channel of x [N, C, H·W] (two passes,
-/// as the reference computes them).
+/// as the reference computes them). Channel sums run over thousands of
+/// elements, so they accumulate in f64 whatever the precision.
 fn channel_stats<E: Real>(x: &[E], n: usize, c: usize, hw: usize, eps: f64) -> Vec<(E, E)> {
-    let m = E::from_f64(1.0 / (n * hw) as f64);
+    let m = 1.0 / (n * hw) as f64;
     map_range(c, |ch| {
         let planes = || (0..n).map(move |i| &x[(i * c + ch) * hw..][..hw]);
-        let mut sum = E::ZERO;
-        planes().for_each(|p| p.iter().for_each(|&v| sum += v));
-        let mean = sum * m;
-        let mut sq = E::ZERO;
-        planes().for_each(|p| p.iter().for_each(|&v| sq += (v - mean) * (v - mean)));
-        (mean, (sq * m + E::from_f64(eps)).sqrt().recip())
+        let mean = planes().flatten().map(|&v| v.to_f64()).sum::<f64>() * m;
+        let var = planes().flatten().map(|&v| (v.to_f64() - mean).powi(2)).sum::<f64>() * m;
+        (E::from_f64(mean), E::from_f64(1.0 / (var + eps).sqrt()))
     })
 }
 
@@ -347,18 +341,18 @@ fn batch_norm_grad_kernel<E: Real>(x: &FlexTensor, gamma: &FlexTensor, dy: &Flex
     let hw = h * w;
     let (xv, gv, dyv) = (E::values(x), E::values(gamma), E::values(dy));
     let stats = channel_stats(&xv, n, c, hw, eps);
-    // Per channel: Σ dy and Σ dy·x̂.
+    // Per channel: Σ dy and Σ dy·x̂ (in f64, as the statistics).
     let sums: Vec<(E, E)> = map_range(c, |ch| {
-        let (mean, inv) = stats[ch];
-        let (mut d_beta, mut d_gamma) = (E::ZERO, E::ZERO);
+        let (mean, inv) = (stats[ch].0.to_f64(), stats[ch].1.to_f64());
+        let (mut d_beta, mut d_gamma) = (0.0f64, 0.0f64);
         for i in 0..n {
             let at = (i * c + ch) * hw;
             for (&v, &g) in xv[at..at + hw].iter().zip(&dyv[at..at + hw]) {
-                d_beta += g;
-                d_gamma += g * ((v - mean) * inv);
+                d_beta += g.to_f64();
+                d_gamma += g.to_f64() * ((v.to_f64() - mean) * inv);
             }
         }
-        (d_beta, d_gamma)
+        (E::from_f64(d_beta), E::from_f64(d_gamma))
     });
     let m = E::from_f64(1.0 / (n * hw) as f64);
     let mut dx = vec![E::ZERO; xv.len()];
