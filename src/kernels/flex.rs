@@ -307,16 +307,42 @@ fn dims4(t: &FlexTensor) -> [usize; 4] {
     [d[0], d[1], d[2], d[3]]
 }
 
+/// Σ term(a[i], b[i]) in f64, accurate and fast: blocks of 256 are summed in
+/// `E` over 8 independent lanes (which vectorise), the block sums in f64.
+fn sum_f64<E: Real>(a: &[E], b: &[E], term: impl Fn(E, E) -> E) -> f64 {
+    let mut total = 0.0;
+    for (a, b) in a.chunks(256).zip(b.chunks(256)) {
+        let mut lanes = [E::ZERO; 8];
+        let (a8, b8) = (a.chunks_exact(8), b.chunks_exact(8));
+        let (ra, rb) = (a8.remainder(), b8.remainder());
+        for (x, y) in a8.zip(b8) {
+            for l in 0..8 {
+                lanes[l] += term(x[l], y[l]);
+            }
+        }
+        let mut block = E::ZERO;
+        for (&x, &y) in ra.iter().zip(rb) {
+            block += term(x, y);
+        }
+        for lane in lanes {
+            block += lane;
+        }
+        total += block.to_f64();
+    }
+    total
+}
+
 /// Mean and 1/sqrt(var + eps) of each channel of x [N, C, H·W] (two passes,
 /// as the reference computes them). Channel sums run over thousands of
 /// elements, so they accumulate in f64 whatever the precision.
 fn channel_stats<E: Real>(x: &[E], n: usize, c: usize, hw: usize, eps: f64) -> Vec<(E, E)> {
     let m = 1.0 / (n * hw) as f64;
     map_range(c, |ch| {
-        let planes = || (0..n).map(move |i| &x[(i * c + ch) * hw..][..hw]);
-        let mean = planes().flatten().map(|&v| v.to_f64()).sum::<f64>() * m;
-        let var = planes().flatten().map(|&v| (v.to_f64() - mean).powi(2)).sum::<f64>() * m;
-        (E::from_f64(mean), E::from_f64(1.0 / (var + eps).sqrt()))
+        let plane = |i: usize| &x[(i * c + ch) * hw..][..hw];
+        let mean = (0..n).map(|i| sum_f64(plane(i), plane(i), |v, _| v)).sum::<f64>() * m;
+        let shift = E::from_f64(mean);
+        let var = (0..n).map(|i| sum_f64(plane(i), plane(i), |v, _| (v - shift) * (v - shift))).sum::<f64>() * m;
+        (shift, E::from_f64(1.0 / (var + eps).sqrt()))
     })
 }
 
@@ -343,14 +369,13 @@ fn batch_norm_grad_kernel<E: Real>(x: &FlexTensor, gamma: &FlexTensor, dy: &Flex
     let stats = channel_stats(&xv, n, c, hw, eps);
     // Per channel: Σ dy and Σ dy·x̂ (in f64, as the statistics).
     let sums: Vec<(E, E)> = map_range(c, |ch| {
-        let (mean, inv) = (stats[ch].0.to_f64(), stats[ch].1.to_f64());
+        let (mean, inv) = stats[ch];
         let (mut d_beta, mut d_gamma) = (0.0f64, 0.0f64);
         for i in 0..n {
             let at = (i * c + ch) * hw;
-            for (&v, &g) in xv[at..at + hw].iter().zip(&dyv[at..at + hw]) {
-                d_beta += g.to_f64();
-                d_gamma += g.to_f64() * ((v.to_f64() - mean) * inv);
-            }
+            let (x, g) = (&xv[at..at + hw], &dyv[at..at + hw]);
+            d_beta += sum_f64(g, g, |g, _| g);
+            d_gamma += sum_f64(x, g, |v, g| g * ((v - mean) * inv));
         }
         (E::from_f64(d_beta), E::from_f64(d_gamma))
     });
@@ -378,17 +403,18 @@ fn max_pool_kernel<E: Real>(x: &FlexTensor) -> (FlexTensor, FlexTensor) {
     for_each_chunk2(&mut y, &mut at, ho * wo, |plane, out, idx| {
         let p = &xv[plane * h * w..][..h * w];
         for i in 0..ho {
+            let (top, bottom) = (&p[2 * i * w..][..w], &p[(2 * i + 1) * w..][..w]);
+            let (out, idx) = (&mut out[i * wo..][..wo], &mut idx[i * wo..][..wo]);
             for j in 0..wo {
-                let top = 2 * i * w + 2 * j;
-                // The first maximum in row-major window order, as Burn's pooling picks it.
-                let mut best = top;
-                for cand in [top + 1, top + w, top + w + 1] {
-                    if p[cand] > p[best] {
-                        best = cand;
-                    }
-                }
-                out[i * wo + j] = p[best];
-                idx[i * wo + j] = best as i32;
+                // The first maximum in row-major window order, as Burn's pooling
+                // picks it; selects rather than branches (the comparisons are
+                // data-dependent and would mispredict half the time).
+                let (a, b, c, d) = (top[2 * j], top[2 * j + 1], bottom[2 * j], bottom[2 * j + 1]);
+                let (ab, at_ab) = if b > a { (b, 1) } else { (a, 0) };
+                let (cd, at_cd) = if d > c { (d, w + 1) } else { (c, w) };
+                let (best, at) = if cd > ab { (cd, at_cd) } else { (ab, at_ab) };
+                out[j] = best;
+                idx[j] = (2 * i * w + 2 * j + at) as i32;
             }
         }
     });
