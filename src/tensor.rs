@@ -398,6 +398,9 @@ impl<B: Level> Tensor<B> {
     /// ReLU as x · 1[x > 0] with the mask a constant, so its second derivative
     /// is zero almost everywhere, as in PyTorch.
     pub fn relu(&self) -> Self {
+        if kernels::native::<B>() {
+            return Tensor(B::mask_positive(self.0.clone(), self.0.clone()));
+        }
         let device = self.device();
         let bool_dtype = get_device_settings::<B::Base>(&device).bool_dtype;
         let base = B::to_base(self.0.clone());

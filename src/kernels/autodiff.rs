@@ -10,6 +10,7 @@
 //! - weight_grad(x, dy):       dx = input_grad(dy, g),   d(dy) = conv3x3(x, g)
 //! - batch_norm(x, γ, β):      batch_norm_grad (composite one level down, so
 //!   its own derivative comes from the operations it is written with)
+//! - mask_positive(v, x):     dv = mask_positive(dy, x) (x: a constant mask)
 //! - max_pool2x2, pool_gather: dx = pool_scatter(dy)
 //! - pool_scatter:             d(dy) = pool_gather(g)
 
@@ -30,6 +31,8 @@ struct Conv3x3InputGrad;
 struct Conv3x3WeightGrad;
 #[derive(Debug)]
 struct BatchNorm;
+#[derive(Debug)]
+struct MaskPositive;
 #[derive(Debug)]
 struct PoolGather;
 #[derive(Debug)]
@@ -94,6 +97,17 @@ impl<B: ConvNetOps> Backward<B, 3> for BatchNorm {
             if let Some(node) = node {
                 grads.register::<B>(node.id, g);
             }
+        }
+    }
+}
+
+impl<B: ConvNetOps> Backward<B, 1> for MaskPositive {
+    /// The tensor whose sign makes the mask.
+    type State = FloatTensor<B>;
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let grad = grads.consume::<B>(&ops.node);
+        if let [Some(node)] = ops.parents {
+            grads.register::<B>(node.id, B::mask_positive(grad, ops.state));
         }
     }
 }
@@ -173,6 +187,15 @@ impl<B: ConvNetOps, C: CheckpointStrategy> ConvNetOps for Autodiff<B, C> {
 
     // batch_norm_grad: the composite default, recorded operation by operation
     // at this level, so that it differentiates once more.
+
+    fn mask_positive(v: FloatTensor<Self>, x: FloatTensor<Self>) -> FloatTensor<Self> {
+        let node = [v.node()];
+        let (v, x) = (v.into_primitive(), x.into_primitive());
+        match MaskPositive.prepare::<C>(node).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => prep.finish(x.clone(), B::mask_positive(v, x)),
+            OpsKind::UnTracked(prep) => prep.finish(B::mask_positive(v, x)),
+        }
+    }
 
     fn max_pool2x2(x: FloatTensor<Self>) -> (FloatTensor<Self>, IntTensor<Self>) {
         let dims = x.shape().to_vec();

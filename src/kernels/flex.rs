@@ -394,6 +394,19 @@ fn batch_norm_grad_kernel<E: Real>(x: &FlexTensor, gamma: &FlexTensor, dy: &Flex
     [E::tensor(dx, &[n, c, h, w]), E::tensor(d_gamma, &[c]), E::tensor(d_beta, &[c])]
 }
 
+fn mask_positive_kernel<E: Real>(v: &FlexTensor, x: &FlexTensor) -> FlexTensor {
+    let (vv, xv) = (E::values(v), E::values(x));
+    assert_eq!(vv.len(), xv.len(), "mask_positive: {:?} and {:?} differ", dims(v), dims(x));
+    let mut out = vec![E::ZERO; vv.len()];
+    for_each_chunk(&mut out, 1 << 14, |chunk, out| {
+        let at = chunk << 14;
+        for ((o, &v), &x) in out.iter_mut().zip(&vv[at..]).zip(&xv[at..]) {
+            *o = if x > E::ZERO { v } else { E::ZERO };
+        }
+    });
+    E::tensor(out, &dims(v))
+}
+
 fn max_pool_kernel<E: Real>(x: &FlexTensor) -> (FlexTensor, FlexTensor) {
     let [n, c, h, w] = dims4(x);
     let (ho, wo) = (h / 2, w / 2);
@@ -484,6 +497,10 @@ impl ConvNetOps for Flex {
 
     fn batch_norm_on_batch_grad(x: FlexTensor, gamma: FlexTensor, dy: FlexTensor, eps: f64) -> [FlexTensor; 3] {
         by_dtype!(x, batch_norm_grad_kernel(&x, &gamma, &dy, eps))
+    }
+
+    fn mask_positive(v: FlexTensor, x: FlexTensor) -> FlexTensor {
+        by_dtype!(v, mask_positive_kernel(&v, &x))
     }
 
     fn max_pool2x2(x: FlexTensor) -> (FlexTensor, FlexTensor) {

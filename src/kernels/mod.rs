@@ -13,6 +13,7 @@
 //! - `batch_norm` in training mode (per-channel batch statistics) and its
 //!   gradient, fused into one pass each on the CPU; the gradient's own
 //!   derivative is taken through its composite form;
+//! - ReLU's mask, applied to any tensor (its own derivative);
 //! - 2×2 max-pool that records the argmax, and the scatter and gather that
 //!   move values through those positions (each the other's derivative).
 //!
@@ -71,6 +72,13 @@ pub trait ConvNetOps: Backend {
         eps: f64,
     ) -> [FloatTensor<Self>; 3] {
         reference::batch_norm_grad::<Self>(x, gamma, dy, eps)
+    }
+
+    /// v · 1[x > 0]: ReLU is `mask_positive(x, x)`. The mask is a constant
+    /// (its derivative is zero almost everywhere, as in PyTorch), so the
+    /// operation is linear in `v` and its derivative is itself.
+    fn mask_positive(v: FloatTensor<Self>, x: FloatTensor<Self>) -> FloatTensor<Self> {
+        reference::mask_positive::<Self>(v, x)
     }
 
     /// 2×2 max-pool, stride 2 (floor): the pooled values [N, C, H/2, W/2] and,

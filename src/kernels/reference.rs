@@ -6,7 +6,7 @@
 
 use burn::backend::ops::ConvOptions;
 use burn::backend::tensor::{FloatTensor, IntTensor};
-use burn::backend::{Backend, FloatDType, IntDType, Scalar, Shape, TensorMetadata};
+use burn::backend::{Backend, FloatDType, IntDType, Scalar, Shape, TensorMetadata, get_device_settings};
 
 fn options(groups: usize) -> ConvOptions<2> {
     ConvOptions::new([1, 1], [1, 1], [1, 1], groups)
@@ -118,4 +118,11 @@ pub fn pool_scatter<B: Backend>(dy: FloatTensor<B>, indices: IntTensor<B>, heigh
     let dy = B::float_reshape(dy, Shape::from(vec![d[0], d[1], d[2] * d[3]]));
     let dx = B::float_scatter(2, zeros, indices, dy, burn::backend::tensor::IndexingUpdateOp::Add);
     B::float_reshape(dx, Shape::from(vec![d[0], d[1], height, width]))
+}
+
+pub fn mask_positive<B: Backend>(v: FloatTensor<B>, x: FloatTensor<B>) -> FloatTensor<B> {
+    let bool_dtype = get_device_settings::<B>(&x.device()).bool_dtype;
+    let dtype = float_dtype::<B>(&x);
+    let positive = B::float_greater_elem(x, Scalar::Float(0.0), bool_dtype);
+    B::float_mul(v, B::bool_into_float(positive, dtype))
 }

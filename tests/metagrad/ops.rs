@@ -44,6 +44,7 @@ pub enum Op {
     ConvWeightGrad,
     BatchNormGrad,
     PoolScatter,
+    MaskPositive,
 }
 
 /// Input shapes of each op's test case, and whether inputs must be positive.
@@ -73,10 +74,11 @@ pub fn case(op: Op) -> (Vec<Vec<usize>>, bool) {
         ConvWeightGrad => (vec![vec![2, 4, 5, 5], vec![2, 6, 5, 5]], false),
         BatchNormGrad => (vec![vec![3, 4, 3, 3], vec![4], vec![3, 4, 3, 3]], false),
         PoolScatter => (vec![vec![2, 3, 3, 3]], false),
+        MaskPositive => (vec![vec![3, 4, 5], vec![3, 4, 5]], false),
     }
 }
 
-pub const ALL_OPS: [Op; 28] = [
+pub const ALL_OPS: [Op; 29] = [
     Op::Add,
     Op::Sub,
     Op::Mul,
@@ -105,6 +107,7 @@ pub const ALL_OPS: [Op; 28] = [
     Op::ConvWeightGrad,
     Op::BatchNormGrad,
     Op::PoolScatter,
+    Op::MaskPositive,
 ];
 
 /// Apply `op` at any level; `aux` holds base-level constants the op needs.
@@ -158,6 +161,9 @@ fn apply<B: Level<Base = Base>, Base: Level<Base = Base>>(op: Op, p: &[Tensor<B>
             let n = dx.num_elements();
             Tensor::cat(&[dx.reshape(&[n]), Tensor(dg), Tensor(db)], 0)
         }
+        MaskPositive => on_path::<B>(|| B::mask_positive(p[0].0.clone(), p[1].0.clone()), || {
+            reference::mask_positive::<B>(p[0].0.clone(), p[1].0.clone())
+        }),
         PoolScatter => {
             // The argmax positions of a fixed 6×7 input (base level, no graph).
             let indices = if kernels::native::<Base>() {
