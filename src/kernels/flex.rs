@@ -299,23 +299,23 @@ fn conv3x3_weight_grad_kernel<E: Real>(x: &FlexTensor, dy: &FlexTensor, groups: 
             }
         })
     };
-    let mut dw = vec![E::ZERO; cout * k];
-    let workers = workers();
-    if g >= workers || n == 1 {
-        for_each_chunk(&mut dw, co * k, |group, out| accumulate(group, 0..n, out));
-    } else {
-        // Few groups: split the images between workers, then add the partial sums.
-        let parts = workers.min(n).max(1);
-        for (group, out) in dw.chunks_mut(co * k).enumerate() {
-            let partial: Vec<Vec<E>> = map_range(parts, |p| {
-                let mut acc = vec![E::ZERO; co * k];
-                accumulate(group, p * n / parts..(p + 1) * n / parts, &mut acc);
-                acc
-            });
-            for acc in partial {
-                out.iter_mut().zip(acc).for_each(|(o, a)| *o += a);
-            }
+    // Each group's sum over images is split into at most four partial sums
+    // over fixed image ranges, added in order: the workers run them in
+    // parallel, and the rounding does not depend on how many workers there are.
+    let parts = n.clamp(1, 4);
+    let partial: Vec<Vec<E>> = map_range(g * parts, |item| {
+        let (group, p) = (item / parts, item % parts);
+        let mut acc = vec![E::ZERO; co * k];
+        accumulate(group, p * n / parts..(p + 1) * n / parts, &mut acc);
+        acc
+    });
+    let mut dw = Vec::with_capacity(cout * k);
+    for sums in partial.chunks(parts) {
+        let mut total = sums[0].clone();
+        for more in &sums[1..] {
+            total.iter_mut().zip(more).for_each(|(t, &m)| *t += m);
         }
+        dw.extend(total);
     }
     E::tensor(dw, &[cout, ci, 3, 3])
 }

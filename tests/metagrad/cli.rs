@@ -170,7 +170,10 @@ fn hypergrad_writes_one_tensor_per_parameter_and_the_query_loss() {
     let diff = a.iter().zip(&b).map(|(x, y)| (x - y).powi(2)).sum::<f64>().sqrt();
     let scale = b.iter().map(|y| y * y).sum::<f64>().sqrt();
     assert!(diff < 1e-9 * scale, "maml and maml-unrolled differ: {diff:e} vs norm {scale:e}");
-    assert_eq!(sweep["query_loss"].to_f64(), unrolled["query_loss"].to_f64());
+    // The same query loss, up to rounding: the unrolled path takes the inner
+    // gradients one autodiff level up, where batch norm's gradient is composite.
+    let (q1, q2) = (sweep["query_loss"].to_f64()[0], unrolled["query_loss"].to_f64()[0]);
+    assert!((q1 - q2).abs() <= 1e-12 * q2.abs(), "query losses {q1} and {q2} differ");
     let (stdout, _) = run("ufo", &["--q", "0.5", "--samples", "100", "--seed", "3"], &dir.join("g3.safetensors"));
     assert!(stdout.contains("mean of 100 estimates"), "{stdout}");
     let (_, implicit) = run("implicit", &["--lambda", "2", "--cg-steps", "3"], &dir.join("g4.safetensors"));
