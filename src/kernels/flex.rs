@@ -6,8 +6,10 @@
 //! is spread over images × groups × channel blocks so that two cores stay busy
 //! even for five images. The input gradient is the same convolution with the
 //! weights transposed and flipped; the weight gradient accumulates one matrix
-//! product per image into per-worker partial sums. Batch norm and pooling are
-//! one or two passes over the data, parallel over channels or planes.
+//! product per image into at most four partial sums over fixed image ranges
+//! (so its rounding does not depend on the core count). Batch norm, the ReLU
+//! mask and pooling are one or two passes over the data, parallel over
+//! channels or planes, and no output is zeroed before it is written.
 
 use std::borrow::Cow;
 use std::cell::RefCell;
