@@ -7,7 +7,7 @@
 //! names itself and both shapes when they do not fit, instead of failing deep
 //! inside a kernel.
 
-use burn::backend::ops::{BoolTensorOps, ConvOptions, FloatTensorOps, IntTensorOps};
+use burn::backend::ops::{BoolTensorOps, ConvOptions, FloatTensorOps};
 use burn::backend::tensor::{Device, FloatTensor, IntTensor};
 use burn::backend::{
     AutodiffBackend, Backend, DType, FloatDType, Scalar, Shape,
@@ -420,14 +420,8 @@ impl<B: Level> Tensor<B> {
         if kernels::native::<B>() {
             return Tensor(B::max_pool2x2(self.0.clone()).0);
         }
-        let (n, c, h, w) = (x[0], x[1], x[2], x[3]);
-        let (ho, wo) = (h / 2, w / 2);
-        let base = B::to_base(self.0.clone());
-        let (_, indices) = kernels::reference::max_pool2x2::<B::Base>(base);
-        let indices = <B::Base as IntTensorOps<B::Base>>::int_reshape(indices, shape_of(&[n, c, ho * wo]));
-        self.reshape(&[n, c, h * w])
-            .gather(2, B::int_from_base(indices))
-            .reshape(&[n, c, ho, wo])
+        let (_, indices) = kernels::reference::max_pool2x2::<B::Base>(B::to_base(self.0.clone()));
+        Tensor(kernels::reference::pool_gather::<B>(self.0.clone(), B::int_from_base(indices)))
     }
 
     /// Row-wise log-softmax of [N, K] logits. The max shift is a constant: the
