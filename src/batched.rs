@@ -12,13 +12,13 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use burn::backend::tensor::Device;
 use rand::Rng;
 
-use crate::diff::{Objective, hvp, value_and_grad};
-use crate::episode::{Episode, LabelledImages};
-use crate::kernels::KernelSettings;
+use crate::autodiff::diff::{Objective, hvp, value_and_grad};
+use crate::data::episode::{Episode, LabelledImages};
+use crate::autodiff::kernels::KernelSettings;
 use crate::hypergrad::{Hypergradient, InnerLoop, Mode, QRule, adapt, axpy, fomaml, hypergradient_drawn, maml, maml_unrolled, proximal_adapt, sweep};
-use crate::profile::{Phase, timed};
-use crate::model::{BatchLoss, ClassifierLoss, Conv4, KeepLogits, accuracy, accuracy_of_rows};
-use crate::tensor::{Level, Precision, Tensor, one_hot};
+use crate::autodiff::profile::{Phase, timed};
+use crate::models::conv4::{BatchLoss, ClassifierLoss, Conv4, KeepLogits, accuracy, accuracy_of_rows};
+use crate::autodiff::tensor::{Level, Precision, Tensor, one_hot};
 
 /// The images of T tasks arranged for `Conv4::forward_stacked`.
 pub struct StackedBatch<Base: Level> {

@@ -21,9 +21,9 @@ use anyhow::{Result, bail};
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 
-use crate::diff::{Objective, backward, dot_all, hvp, lift, value_and_grad};
-use crate::model::{Batch, BatchLoss, Conv4, KeepLogits, accuracy};
-use crate::tensor::{Level, Tensor};
+use crate::autodiff::diff::{Objective, backward, dot_all, hvp, lift, value_and_grad};
+use crate::models::conv4::{Batch, BatchLoss, Conv4, KeepLogits, accuracy};
+use crate::autodiff::tensor::{Level, Tensor};
 
 /// θ − α·g, tensor by tensor.
 pub fn sgd_step<B: Level>(params: &[Tensor<B>], grads: &[Tensor<B>], lr: f64) -> Vec<Tensor<B>> {

@@ -9,20 +9,20 @@ use anyhow::{Context, Result, bail};
 use burn::backend::tensor::Device;
 use clap::{Args, Parser, Subcommand};
 
-use metagrad::backend::{self, BackendKind, OnBackend, Selection};
+use metagrad::autodiff::backend::{self, BackendKind, OnBackend, Selection};
 use metagrad::bench::{AutodiffBench, HypergradBench, format_hypergrad_table, format_table};
-use metagrad::checkpoint::{self, Checkpoint};
-use metagrad::config::Config;
+use metagrad::train::checkpoint::{self, Checkpoint};
+use metagrad::train::config::Config;
 use metagrad::data::{EpisodeSampler, EpisodeShape};
 use metagrad::train::{EvalJob, TrainJob};
-use metagrad::dataset::{DatasetKind, DatasetSpec, resolve_data_dir};
-use metagrad::fetch::{self, Source};
-use metagrad::mini_imagenet;
-use metagrad::episode::Episode;
+use metagrad::data::dataset::{DatasetKind, DatasetSpec, resolve_data_dir};
+use metagrad::data::fetch::{self, Source};
+use metagrad::data::mini_imagenet;
+use metagrad::data::episode::Episode;
 use metagrad::hypergrad::{AdaptiveQ, InnerLoop, Mode, QRule, adapted_accuracy, task_hypergradient, ufo_mean};
-use metagrad::model::{BatchLoss, Conv4};
-use metagrad::store::{HostTensor, infer_conv4, read_safetensors, save_params, write_safetensors};
-use metagrad::tensor::{Level, Precision, Tensor};
+use metagrad::models::conv4::{BatchLoss, Conv4};
+use metagrad::data::store::{HostTensor, infer_conv4, read_safetensors, save_params, write_safetensors};
+use metagrad::autodiff::tensor::{Level, Precision, Tensor};
 use rand::SeedableRng;
 
 #[derive(Parser)]
@@ -366,7 +366,7 @@ enum BenchCommand {
         /// Conv-4 kernels to time each case with, comma-separated: native (the
         /// CPU's own kernels) and burn (Burn's generic operations, for comparison).
         #[arg(long, value_delimiter = ',', default_value = "native")]
-        kernels: Vec<metagrad::kernels::KernelPath>,
+        kernels: Vec<metagrad::autodiff::kernels::KernelPath>,
         #[arg(long)]
         json: Option<PathBuf>,
     },
@@ -459,7 +459,7 @@ impl OnBackend for HypergradJob {
                 (r.hypergradient, r.query_accuracy, String::new())
             }
         };
-        let mut tensors = metagrad::store::params_to_host(&model, &h.grad);
+        let mut tensors = metagrad::data::store::params_to_host(&model, &h.grad);
         let loss = Tensor::<B>::from_f64(&[h.query_loss], &[1], precision, &device);
         tensors.push(("query_loss".to_string(), HostTensor::from_tensor(&loss)));
         let metadata = std::collections::BTreeMap::from([
@@ -500,7 +500,7 @@ fn hypergrad(args: HypergradArgs) -> Result<()> {
 fn report(table: &str, rows: &impl serde::Serialize, json: Option<PathBuf>) -> Result<()> {
     print!("{table}");
     if let Some(path) = json {
-        metagrad::store::write_atomic(&path, serde_json::to_string_pretty(rows)?.as_bytes())?;
+        metagrad::data::store::write_atomic(&path, serde_json::to_string_pretty(rows)?.as_bytes())?;
         eprintln!("wrote {}", path.display());
     }
     Ok(())
@@ -556,7 +556,7 @@ fn data(which: DataCommand) -> Result<()> {
         DataCommand::Preview { dataset, location, split, way, shot, queries, seed, out } => {
             let args = EpisodeArgs { dataset, location, split, way, shot, queries, seed };
             let (episode, names) = args.sample()?;
-            metagrad::plot::episode_grid(&episode, &names, &out)?;
+            metagrad::train::plot::episode_grid(&episode, &names, &out)?;
             println!("wrote {} ({} {way}-way {shot}-shot, {queries} queries per class)", out.display(), dataset.name());
             Ok(())
         }
@@ -698,7 +698,7 @@ fn eval(args: EvalArgs) -> Result<()> {
     let config = saved.config.clone();
     let selection = args.backend.select()?;
     let inner_steps = args.inner_steps.unwrap_or(config.eval.inner_steps);
-    let fixed = args.episodes_from.as_deref().map(|d| metagrad::fixed_episodes::read(d, config.data.dataset)).transpose()?;
+    let fixed = args.episodes_from.as_deref().map(|d| metagrad::data::fixed_episodes::read(d, config.data.dataset)).transpose()?;
     // What was evaluated: the split's sampled episodes, or the fixed ones given.
     let (what, default_name, source) = match &args.episodes_from {
         Some(d) => {
@@ -742,7 +742,7 @@ fn eval(args: EvalArgs) -> Result<()> {
     if !outcome.per_episode.is_empty() {
         record["per_episode"] = serde_json::to_value(&outcome.per_episode)?;
     }
-    metagrad::store::write_atomic(&out, (serde_json::to_string_pretty(&record)? + "\n").as_bytes())?;
+    metagrad::data::store::write_atomic(&out, (serde_json::to_string_pretty(&record)? + "\n").as_bytes())?;
     println!("wrote {}", out.display());
     Ok(())
 }
@@ -757,7 +757,7 @@ fn plot(run: &str, out: &std::path::Path, checkpoint_dir: &std::path::Path) -> R
         checkpoint_dir.join(run).join("metrics.jsonl")
     };
     let metrics = metagrad::train::read_metrics(&path)?;
-    metagrad::plot::training_curves(&metrics, &format!("{run}"), out)?;
+    metagrad::train::plot::training_curves(&metrics, &format!("{run}"), out)?;
     println!("wrote {} ({} records from {})", out.display(), metrics.len(), path.display());
     Ok(())
 }
@@ -858,7 +858,7 @@ fn run_command(command: Command) -> Result<()> {
 }
 
 fn main() -> ExitCode {
-    metagrad::backend::keep_freed_memory();
+    metagrad::autodiff::backend::keep_freed_memory();
     match run(Cli::parse()) {
         Ok(code) => code,
         Err(e) => {

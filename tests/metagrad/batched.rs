@@ -1,10 +1,10 @@
 //! The stacked meta-batch equals the task-by-task path, for every mode (f64).
 
 use metagrad::batched::{batched_hypergradient, conjugate_gradient_tasks, replicate, StackedLoss, TaskBatch, task_by_task_hypergradient, task_sum};
-use metagrad::episode::{Episode, LabelledImages};
+use metagrad::data::episode::{Episode, LabelledImages};
 use metagrad::hypergrad::{AdaptiveQ, InnerLoop, Mode, QRule, conjugate_gradient, task_hypergradient};
-use metagrad::model::{BatchLoss, Conv4};
-use metagrad::tensor::Tensor;
+use metagrad::models::conv4::{BatchLoss, Conv4};
+use metagrad::autodiff::tensor::Tensor;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -54,19 +54,19 @@ fn stacked_forward_and_loss_equal_each_task_alone() {
     let stacked: Vec<Tensor<Cpu>> = (0..thetas[0].len()).map(|i| Tensor::cat(&thetas.iter().map(|t| t[i].clone()).collect::<Vec<_>>(), 0)).collect();
     let refs: Vec<&Episode> = eps.iter().collect();
     let batch = TaskBatch::<Cpu>::new(&refs, F64, &DEV);
-    let loss = metagrad::diff::Objective::eval(&StackedLoss { model: &MODEL, batch: &batch.query }, &stacked).item();
+    let loss = metagrad::autodiff::diff::Objective::eval(&StackedLoss { model: &MODEL, batch: &batch.query }, &stacked).item();
     let alone: f64 = eps
         .iter()
         .zip(&thetas)
-        .map(|(e, t)| metagrad::diff::Objective::eval(&BatchLoss { model: &MODEL, batch: &e.to_task::<Cpu>(F64, &DEV).query }, t).item())
+        .map(|(e, t)| metagrad::autodiff::diff::Objective::eval(&BatchLoss { model: &MODEL, batch: &e.to_task::<Cpu>(F64, &DEV).query }, t).item())
         .sum();
     assert!((loss - alone).abs() < 1e-12 * alone.abs(), "{loss} vs {alone}");
     // The gradient of the sum splits into each task's own gradient.
-    let (_, g) = metagrad::diff::value_and_grad(&StackedLoss { model: &MODEL, batch: &batch.support }, &replicate(&thetas[0], 3));
+    let (_, g) = metagrad::autodiff::diff::value_and_grad(&StackedLoss { model: &MODEL, batch: &batch.support }, &replicate(&thetas[0], 3));
     let mut per_task = vec![];
     for e in &eps {
         let task = e.to_task::<Cpu>(F64, &DEV);
-        per_task.push(metagrad::diff::value_and_grad(&BatchLoss { model: &MODEL, batch: &task.support }, &thetas[0]).1);
+        per_task.push(metagrad::autodiff::diff::value_and_grad(&BatchLoss { model: &MODEL, batch: &task.support }, &thetas[0]).1);
     }
     let summed: Vec<Tensor<Cpu>> = (0..per_task[0].len()).map(|i| per_task.iter().map(|g| g[i].clone()).reduce(|a, b| a.add(&b)).unwrap()).collect();
     close(&task_sum(&g, 3), &summed, "gradient of the stacked loss");
@@ -149,7 +149,7 @@ fn adaptive_ufo_observes_every_exact_task() {
             let fo = task_hypergradient(&mut Mode::Fomaml, &MODEL, &task, &theta, &inner, &mut ChaCha8Rng::seed_from_u64(0)).hypergradient.grad;
             let ex = task_hypergradient(&mut Mode::Maml, &MODEL, &task, &theta, &inner, &mut ChaCha8Rng::seed_from_u64(0)).hypergradient.grad;
             let d: Vec<Tensor<Cpu>> = ex.iter().zip(&fo).map(|(m, f)| m.sub(f)).collect();
-            expected.observe(metagrad::diff::dot_all(&d, &d), metagrad::diff::dot_all(&ex, &ex));
+            expected.observe(metagrad::autodiff::diff::dot_all(&d, &d), metagrad::autodiff::diff::dot_all(&ex, &ex));
         }
     }
     let Mode::Ufo(QRule::Adaptive(state)) = mode else { unreachable!() };
@@ -166,7 +166,7 @@ fn block_conjugate_gradient_equals_each_task_alone() {
     let batch = TaskBatch::<Cpu>::new(&refs, F64, &DEV);
     let support = StackedLoss { model: &MODEL, batch: &batch.support };
     let phi = replicate(&theta, 3);
-    let (_, b) = metagrad::diff::value_and_grad(&StackedLoss { model: &MODEL, batch: &batch.query }, &phi);
+    let (_, b) = metagrad::autodiff::diff::value_and_grad(&StackedLoss { model: &MODEL, batch: &batch.query }, &phi);
     // Few steps (each task stops at its own point) and many (every task converges or stops on curvature).
     for steps in [2, 12] {
         let x = conjugate_gradient_tasks(&support, &phi, &b, 0.5, steps, 3);
@@ -174,7 +174,7 @@ fn block_conjugate_gradient_equals_each_task_alone() {
         for e in &eps {
             let task = e.to_task::<Cpu>(F64, &DEV);
             let s = BatchLoss { model: &MODEL, batch: &task.support };
-            let (_, bq) = metagrad::diff::value_and_grad(&BatchLoss { model: &MODEL, batch: &task.query }, &theta);
+            let (_, bq) = metagrad::autodiff::diff::value_and_grad(&BatchLoss { model: &MODEL, batch: &task.query }, &theta);
             alone.push(conjugate_gradient(&s, &theta, &bq, 0.5, steps));
         }
         let stacked: Vec<Tensor<Cpu>> = (0..alone[0].len()).map(|i| Tensor::cat(&alone.iter().map(|a| a[i].clone()).collect::<Vec<_>>(), 0)).collect();
@@ -214,7 +214,7 @@ fn native_kernels_give_the_reference_hypergradient_for_every_mode() {
                 }
             };
             let native = run();
-            let reference = metagrad::kernels::with_reference_ops(run);
+            let reference = metagrad::autodiff::kernels::with_reference_ops(run);
             let what = format!("{} ({})", mode.name(), if stacked { "stacked" } else { "task by task" });
             close(&native.grad, &reference.grad, &what);
             for (x, y) in native.query_losses.iter().zip(&reference.query_losses) {

@@ -49,7 +49,7 @@ fn data_info_preview_and_export_from_each_dataset() {
         let episode = dir.join("omniglot.safetensors");
         let out = metagrad(&["export-episode", "--dataset", "omniglot", "--data-dir", &omniglot, "--way", "20", "--shot", "5", "--queries", "5", "--out", episode.to_str().unwrap()]);
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        let e = metagrad::episode::Episode::read(&episode).unwrap();
+        let e = metagrad::data::episode::Episode::read(&episode).unwrap();
         assert_eq!((e.support.shape, e.query.shape), ([100, 1, 28, 28], [100, 1, 28, 28]));
         let out = metagrad(&["data", "preview", "omniglot", "--data-dir", &omniglot, "--split-scheme", "lake", "--split", "test", "--out", png.to_str().unwrap()]);
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -93,16 +93,16 @@ fn init_writes_pytorch_named_parameters() {
     let path = dir.join("init.safetensors");
     let out = metagrad(&["init", "--dataset", "mini-imagenet", "--way", "5", "--seed", "3", "--out", path.to_str().unwrap()]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let tensors = metagrad::store::read_safetensors(&path).unwrap();
+    let tensors = metagrad::data::store::read_safetensors(&path).unwrap();
     assert_eq!(tensors["head.weight"].shape, vec![5, 800]);
     assert_eq!(tensors["conv1.weight"].shape, vec![32, 3, 3, 3]);
     // Same seed, same values; another seed, other values.
     let again = dir.join("again.safetensors");
     assert!(metagrad(&["init", "--dataset", "mini-imagenet", "--seed", "3", "--out", again.to_str().unwrap()]).status.success());
-    assert!(tensors == metagrad::store::read_safetensors(&again).unwrap(), "same seed gave other parameters");
+    assert!(tensors == metagrad::data::store::read_safetensors(&again).unwrap(), "same seed gave other parameters");
     let other = dir.join("other.safetensors");
     assert!(metagrad(&["init", "--dataset", "mini-imagenet", "--seed", "4", "--out", other.to_str().unwrap()]).status.success());
-    assert!(tensors != metagrad::store::read_safetensors(&other).unwrap(), "another seed gave the same parameters");
+    assert!(tensors != metagrad::data::store::read_safetensors(&other).unwrap(), "another seed gave the same parameters");
 }
 
 #[test]
@@ -131,8 +131,8 @@ fn bad_requests_are_clear_errors_not_panics() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("at least 1 inner step"));
 }
 
-fn random_episode(way: usize, shot: usize, queries: usize, seed: u64) -> metagrad::episode::Episode {
-    use metagrad::episode::{Episode, LabelledImages};
+fn random_episode(way: usize, shot: usize, queries: usize, seed: u64) -> metagrad::data::episode::Episode {
+    use metagrad::data::episode::{Episode, LabelledImages};
     use rand::{Rng, SeedableRng};
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
     let mut part = |n: usize| LabelledImages {
@@ -156,14 +156,14 @@ fn hypergrad_writes_one_tensor_per_parameter_and_the_query_loss() {
         args.extend_from_slice(extra);
         let o = metagrad(&args);
         assert!(o.status.success(), "{mode}: {}", String::from_utf8_lossy(&o.stderr));
-        (String::from_utf8_lossy(&o.stdout).to_string(), metagrad::store::read_safetensors(out).unwrap())
+        (String::from_utf8_lossy(&o.stdout).to_string(), metagrad::data::store::read_safetensors(out).unwrap())
     };
     let (_, sweep) = run("maml", &[], &dir.join("g1.safetensors"));
     let (_, unrolled) = run("maml-unrolled", &[], &dir.join("g2.safetensors"));
     assert_eq!(sweep.len(), 19, "18 parameters and query_loss");
     assert_eq!(sweep["query_loss"].shape, vec![1]);
     // One relative error over all parameters: conv biases before batch norm have a true gradient of zero.
-    let all = |g: &std::collections::BTreeMap<String, metagrad::store::HostTensor>| -> Vec<f64> {
+    let all = |g: &std::collections::BTreeMap<String, metagrad::data::store::HostTensor>| -> Vec<f64> {
         g.iter().filter(|(n, _)| n.as_str() != "query_loss").flat_map(|(_, t)| t.to_f64()).collect()
     };
     let (a, b) = (all(&sweep), all(&unrolled));
@@ -213,7 +213,7 @@ fn export_episode_feeds_hypergrad() {
     let (episode, params, grad) = (dir.join("e.safetensors"), dir.join("p.safetensors"), dir.join("g.safetensors"));
     let out = metagrad(&["export-episode", "--way", "5", "--shot", "1", "--queries", "3", "--seed", "2", "--out", episode.to_str().unwrap()]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let e = metagrad::episode::Episode::read(&episode).unwrap();
+    let e = metagrad::data::episode::Episode::read(&episode).unwrap();
     assert_eq!((e.way, e.support.shape, e.query.shape), (5, [5, 1, 28, 28], [15, 1, 28, 28]));
     assert!(metagrad(&["init", "--way", "5", "--out", params.to_str().unwrap()]).status.success());
     let out = metagrad(&["hypergrad", "--params", params.to_str().unwrap(), "--episode", episode.to_str().unwrap(), "--mode", "fomaml", "--backend", "cpu", "--out", grad.to_str().unwrap()]);

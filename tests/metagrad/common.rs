@@ -1,8 +1,8 @@
 //! Shared helpers: f64 CPU backend, random data, finite differences, temporary folders.
 
 use burn::backend::{Flex, FlexDevice};
-use metagrad::diff::{Objective, value_and_grad};
-use metagrad::tensor::{Precision, Tensor};
+use metagrad::autodiff::diff::{Objective, value_and_grad};
+use metagrad::autodiff::tensor::{Precision, Tensor};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use metagrad::data::{BackgroundSampler, EpisodeSampler, EpisodeShape};
-use metagrad::synthetic;
+use metagrad::data::synthetic;
 
 fn shape(way: usize, shot: usize, queries: usize) -> EpisodeShape {
     EpisodeShape { way, shot, queries }

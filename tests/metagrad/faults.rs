@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use crate::train::{err, metagrad, ok, small_config, temp};
-use metagrad::checkpoint::{Checkpoint, RunLock, pointer};
+use metagrad::train::checkpoint::{Checkpoint, RunLock, pointer};
 
 /// Every file under `root` (except those under `skip`) with its bytes: a
 /// snapshot to prove that nothing else changed.
@@ -124,11 +124,11 @@ fn a_diverged_checkpoint_fails_evaluation() {
     let dir = temp("fault-nan-eval");
     let (_, run) = trained(&dir, "small");
     let step = pointer(&run, "latest").unwrap();
-    let mut params = metagrad::store::read_safetensors(&step.join("params.safetensors")).unwrap();
+    let mut params = metagrad::data::store::read_safetensors(&step.join("params.safetensors")).unwrap();
     let head = params.get_mut("head.weight").unwrap();
-    head.values = metagrad::store::Values::F32(vec![f32::NAN; head.shape.iter().product()]);
+    head.values = metagrad::data::store::Values::F32(vec![f32::NAN; head.shape.iter().product()]);
     let sorted: Vec<_> = params.into_iter().collect();
-    metagrad::store::write_safetensors(&step.join("params.safetensors"), &sorted, &Default::default()).unwrap();
+    metagrad::data::store::write_safetensors(&step.join("params.safetensors"), &sorted, &Default::default()).unwrap();
     let out = dir.join("eval.json");
     let e = err(&metagrad(&["eval", "--checkpoint", step.to_str().unwrap(), "--episodes", "5", "--backend", "cpu", "--out", out.to_str().unwrap()]));
     assert!(e.contains("diverged") && e.contains("NaN") && e.contains("earlier step folder"), "{e}");
@@ -170,7 +170,7 @@ fn corrupt_metrics_and_cache_are_named_or_rebuilt() {
     assert!(e.contains("metrics.jsonl"), "{e}");
 
     // A cache with one flipped byte is rebuilt, not used.
-    use metagrad::cache::{CachedClass, load_or_build};
+    use metagrad::data::cache::{CachedClass, load_or_build};
     let path = dir.join("cache.bin");
     let classes = vec![CachedClass { name: "a".into(), tag: 0, count: 2, pixels: (0..32).collect() }];
     let built = std::cell::Cell::new(0);
@@ -221,10 +221,10 @@ fn stopping_before_the_first_step_saves_nothing_and_says_so() {
     use std::sync::Arc;
     use std::sync::atomic::AtomicBool;
     let dir = temp("fault-early-stop");
-    let config = metagrad::config::Config::load(&small_config(&dir, ""), &[]).unwrap();
+    let config = metagrad::train::config::Config::load(&small_config(&dir, ""), &[]).unwrap();
     let job = metagrad::train::TrainJob { config, resume: None, progress: false, stop: Arc::new(AtomicBool::new(true)), splits: None, task_batching: false };
-    let selection = metagrad::backend::Selection { kind: metagrad::backend::BackendKind::Cpu, precision: metagrad::tensor::Precision::F32 };
-    let outcome = metagrad::backend::dispatch(selection, job).unwrap();
+    let selection = metagrad::autodiff::backend::Selection { kind: metagrad::autodiff::backend::BackendKind::Cpu, precision: metagrad::autodiff::tensor::Precision::F32 };
+    let outcome = metagrad::autodiff::backend::dispatch(selection, job).unwrap();
     assert!(outcome.interrupted && outcome.latest.is_none() && outcome.step == 0);
     assert!(Checkpoint::read(&outcome.run_dir.join("step-0000000")).is_err());
 }

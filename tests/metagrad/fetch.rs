@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use metagrad::fetch::{OMNIGLOT_FILES, Source, fetch_all, sha256_file};
+use metagrad::data::fetch::{OMNIGLOT_FILES, Source, fetch_all, sha256_file};
 
 #[derive(Clone, Copy, PartialEq)]
 enum Behaviour {

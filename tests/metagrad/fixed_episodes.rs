@@ -4,8 +4,8 @@
 use std::path::Path;
 
 use crate::train::{err, metagrad, ok, small_config, temp};
-use metagrad::dataset::{DatasetKind, DatasetSpec};
-use metagrad::fixed_episodes;
+use metagrad::data::dataset::{DatasetKind, DatasetSpec};
+use metagrad::data::fixed_episodes;
 
 /// Write a synthetic image as an Omniglot file would hold it: dark strokes on white.
 fn write_png(path: &Path, pixels: &[u8]) {

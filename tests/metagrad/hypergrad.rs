@@ -2,10 +2,10 @@
 
 use burn::backend::Flex;
 use metagrad::bench::random_batch;
-use metagrad::diff::{Objective, backward, dot_all, hvp, lift};
+use metagrad::autodiff::diff::{Objective, backward, dot_all, hvp, lift};
 use metagrad::hypergrad::*;
-use metagrad::model::{BatchLoss, Conv4};
-use metagrad::tensor::Tensor;
+use metagrad::models::conv4::{BatchLoss, Conv4};
+use metagrad::autodiff::tensor::Tensor;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
@@ -234,7 +234,7 @@ fn implicit_matches_the_exact_solution_of_the_linear_system() {
     let phi = proximal_adapt(&s, &theta, &inner, lambda);
     let h = explicit_hessian(&s, &phi);
     let system: Vec<Vec<f64>> = (0..n).map(|i| (0..n).map(|j| f64::from(i == j) + h[i][j] / lambda).collect()).collect();
-    let (_, b) = metagrad::diff::value_and_grad(&q, &phi);
+    let (_, b) = metagrad::autodiff::diff::value_and_grad(&q, &phi);
     let exact = solve(system, flatten(&b));
     let err = relative_error(&flatten(&implicit_result.grad), &exact);
     assert!(err < 1e-8, "CG solution differs from the direct solve by {err:.2e} (n = {n})");
@@ -250,8 +250,8 @@ struct Softmax<'a> {
 }
 
 impl Objective<Flex> for Softmax<'_> {
-    fn eval<B: metagrad::tensor::Level<Base = Flex>>(&self, p: &[Tensor<B>]) -> Tensor<B> {
-        let logits = metagrad::model::linear(&Tensor::from_base(self.features), &p[0], &p[1]);
+    fn eval<B: metagrad::autodiff::tensor::Level<Base = Flex>>(&self, p: &[Tensor<B>]) -> Tensor<B> {
+        let logits = metagrad::models::conv4::linear(&Tensor::from_base(self.features), &p[0], &p[1]);
         logits.cross_entropy(&Tensor::from_base(self.one_hot))
     }
 }
@@ -263,7 +263,7 @@ fn implicit_is_the_exact_hypergradient_when_the_inner_problem_converges() {
     let labelled = |r: &mut rand_chacha::ChaCha8Rng, n: usize| {
         let x = random_tensor(r, &[n, dim], 1.0);
         let labels: Vec<usize> = (0..n).map(|i| i % classes).collect();
-        let y = Tensor::from_f64(&metagrad::tensor::one_hot(&labels, classes), &[n, classes], F64, &DEV);
+        let y = Tensor::from_f64(&metagrad::autodiff::tensor::one_hot(&labels, classes), &[n, classes], F64, &DEV);
         (x, y)
     };
     let (xs, ys) = labelled(&mut r, 9);

@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-use metagrad::mini_imagenet::{load_split, read_csv};
+use metagrad::data::mini_imagenet::{load_split, read_csv};
 
 fn temp(name: &str) -> PathBuf {
     let dir = crate::common::fresh_dir(&format!("mini-{name}"));

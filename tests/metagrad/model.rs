@@ -5,10 +5,10 @@
 
 use burn::backend::Flex;
 use metagrad::bench::random_batch;
-use metagrad::diff::{Objective, dot_all, hvp, lift, value_and_grad};
+use metagrad::autodiff::diff::{Objective, dot_all, hvp, lift, value_and_grad};
 use metagrad::hypergrad::{InnerLoop, fomaml, maml, maml_unrolled, meta_loss};
-use metagrad::model::{Batch, BatchLoss, Conv4};
-use metagrad::tensor::Tensor;
+use metagrad::models::conv4::{Batch, BatchLoss, Conv4};
+use metagrad::autodiff::tensor::Tensor;
 
 use crate::common::*;
 

@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use metagrad::omniglot::{load_characters, split};
+use metagrad::data::omniglot::{load_characters, split};
 
 fn archives() -> Option<PathBuf> {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/data/omniglot");

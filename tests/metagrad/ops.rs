@@ -5,10 +5,10 @@
 
 use burn::backend::ops::IntTensorOps;
 use burn::backend::{TensorData, Flex};
-use metagrad::diff::{Objective, dot_all, hvp, value_and_grad};
-use metagrad::model::{BATCH_NORM_EPS, linear};
-use metagrad::kernels::{self, reference};
-use metagrad::tensor::{Level, Tensor, one_hot};
+use metagrad::autodiff::diff::{Objective, dot_all, hvp, value_and_grad};
+use metagrad::models::conv4::{BATCH_NORM_EPS, linear};
+use metagrad::autodiff::kernels::{self, reference};
+use metagrad::autodiff::tensor::{Level, Tensor, one_hot};
 use burn::backend::tensor::FloatTensor;
 
 use crate::common::*;
@@ -240,7 +240,7 @@ pub fn host_case(op: Op, seed: u64) -> HostCase {
 }
 
 impl HostCase {
-    pub fn load<B: Level<Base = B>>(&self, op: Op, precision: metagrad::tensor::Precision, device: &burn::backend::tensor::Device<B>) -> (OpLoss<B>, Vec<Tensor<B>>) {
+    pub fn load<B: Level<Base = B>>(&self, op: Op, precision: metagrad::autodiff::tensor::Precision, device: &burn::backend::tensor::Device<B>) -> (OpLoss<B>, Vec<Tensor<B>>) {
         let t = |(v, s): &(Vec<f64>, Vec<usize>)| Tensor::from_f64(v, s, precision, device);
         let loss = OpLoss { op, w: t(&self.w), c: t(&self.c), aux: self.aux.iter().map(t).collect() };
         (loss, self.inputs.iter().map(t).collect())
@@ -302,7 +302,7 @@ fn outer_level_gradient_equals_single_level_gradient_for_every_op() {
         let (loss, x) = host_case(*op, 300 + k as u64).load::<Flex>(*op, F64, &DEV);
         let (_, single) = value_and_grad(&loss, &x);
         // The same gradient taken one level up, through Autodiff<Autodiff<Flex>>.
-        let lifted = metagrad::diff::lift(&x);
+        let lifted = metagrad::autodiff::diff::lift(&x);
         let (_, nested) = value_and_grad(&loss, &lifted);
         let nested: Vec<Tensor<Flex>> = nested.iter().map(|g| g.to_base()).collect();
         let err = relative_error(&flatten(&nested), &flatten(&single));

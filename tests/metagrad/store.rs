@@ -4,9 +4,9 @@
 use std::collections::BTreeMap;
 
 use burn::backend::Flex;
-use metagrad::model::Conv4;
-use metagrad::store::{HostTensor, Values, load_params, read_safetensors, save_params, write_safetensors};
-use metagrad::tensor::Precision;
+use metagrad::models::conv4::Conv4;
+use metagrad::data::store::{HostTensor, Values, load_params, read_safetensors, save_params, write_safetensors};
+use metagrad::autodiff::tensor::Precision;
 
 use crate::common::*;
 
@@ -44,7 +44,7 @@ fn error_of(model: &Conv4, tensors: Vec<(String, HostTensor)>, name: &str) -> St
 }
 
 fn host_params(model: &Conv4) -> Vec<(String, HostTensor)> {
-    metagrad::store::params_to_host(model, &model.init::<Flex>(0, Precision::F32, &DEV))
+    metagrad::data::store::params_to_host(model, &model.init::<Flex>(0, Precision::F32, &DEV))
 }
 
 #[test]
@@ -87,8 +87,8 @@ fn truncated_file_is_reported_not_trusted() {
 fn atomic_write_leaves_no_temporary_files() {
     let dir = temp_dir("atomic");
     let path = dir.join("x.bin");
-    metagrad::store::write_atomic(&path, b"first").unwrap();
-    metagrad::store::write_atomic(&path, b"second").unwrap();
+    metagrad::data::store::write_atomic(&path, b"first").unwrap();
+    metagrad::data::store::write_atomic(&path, b"second").unwrap();
     assert_eq!(std::fs::read(&path).unwrap(), b"second");
     let entries: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name()).collect();
     assert_eq!(entries.len(), 1, "{entries:?}");

@@ -6,9 +6,9 @@ use std::process::{Command, Output};
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 
-use metagrad::backend::{self, BackendKind, Selection};
-use metagrad::config::Config;
-use metagrad::tensor::Precision;
+use metagrad::autodiff::backend::{self, BackendKind, Selection};
+use metagrad::train::config::Config;
+use metagrad::autodiff::tensor::Precision;
 use metagrad::train::{Summary, TrainJob, read_metrics};
 
 pub(crate) fn temp(name: &str) -> PathBuf {
@@ -109,7 +109,7 @@ fn sigkill_while_checkpointing_resumes_from_the_last_complete_checkpoint() {
     let c = config.to_str().unwrap();
     let run = dir.join("checkpoints/small");
     let args = ["train", "--config", c, "--quiet", "--set", "train.meta_steps=400", "--set", "checkpoint.every=1", "--set", "eval.every=0"];
-    let latest_step = || metagrad::checkpoint::pointer(&run, "latest").map(|p| p.file_name().unwrap().to_string_lossy().into_owned());
+    let latest_step = || metagrad::train::checkpoint::pointer(&run, "latest").map(|p| p.file_name().unwrap().to_string_lossy().into_owned());
     // Every step writes a checkpoint, so a kill a few milliseconds after one
     // lands while the next step runs or its checkpoint is being written.
     for (round, wait_ms) in [(0, 0u64), (1, 3), (2, 7), (3, 12)] {
@@ -124,8 +124,8 @@ fn sigkill_while_checkpointing_resumes_from_the_last_complete_checkpoint() {
         child.kill().unwrap();
         child.wait().unwrap();
         assert_ne!(latest_step(), before, "round {round}: training progressed");
-        let latest = metagrad::checkpoint::pointer(&run, "latest").expect("latest names a complete checkpoint");
-        metagrad::checkpoint::Checkpoint::read(&latest).expect("the checkpoint latest names is complete");
+        let latest = metagrad::train::checkpoint::pointer(&run, "latest").expect("latest names a complete checkpoint");
+        metagrad::train::checkpoint::Checkpoint::read(&latest).expect("the checkpoint latest names is complete");
     }
     let out = ok(&metagrad(&["train", "--resume", run.to_str().unwrap(), "--quiet", "--set", "train.meta_steps=20", "--set", "checkpoint.every=1"]));
     assert!(out.contains("after step 20"), "{out}");
@@ -156,8 +156,8 @@ fn ctrl_c_writes_a_checkpoint_and_exits_with_130() {
     // 128 + SIGINT: a script can tell an interrupted run from a finished one.
     assert_eq!(out.status.code(), Some(130), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
     assert!(text.contains("stopped after step") && text.contains("--resume"), "{text}");
-    let latest = metagrad::checkpoint::pointer(&run, "latest").expect("Ctrl-C wrote a checkpoint");
-    let saved = metagrad::checkpoint::Checkpoint::read(&latest).unwrap();
+    let latest = metagrad::train::checkpoint::pointer(&run, "latest").expect("Ctrl-C wrote a checkpoint");
+    let saved = metagrad::train::checkpoint::Checkpoint::read(&latest).unwrap();
     assert_eq!(saved.state.step, read_metrics(&run.join("metrics.jsonl")).unwrap().len());
 }
 
@@ -211,10 +211,10 @@ fn bad_configs_and_checkpoints_say_what_is_wrong() {
     // those parameters are never saved (faults.rs covers the rest).
     let e = err(&metagrad(&["train", "--config", c, "--quiet", "--set", "run.name=diverging", "--set", "train.meta_lr=1e30", "--set", "checkpoint.every=1", "--set", "eval.every=0"]));
     assert!(e.contains("diverged at step 2") && e.contains("no checkpoint was written yet"), "{e}");
-    assert!(metagrad::checkpoint::latest_of(&dir.join("checkpoints/diverging")).is_none());
+    assert!(metagrad::train::checkpoint::latest_of(&dir.join("checkpoints/diverging")).is_none());
     ok(&metagrad(&["train", "--config", c, "--quiet", "--set", "train.meta_steps=1", "--set", "checkpoint.every=1"]));
     let run = dir.join("checkpoints/small");
-    assert!(metagrad::checkpoint::pointer(&run, "latest").unwrap().ends_with("step-0000001"));
+    assert!(metagrad::train::checkpoint::pointer(&run, "latest").unwrap().ends_with("step-0000001"));
 
     // A second fresh run under the same name would mix two runs.
     let e = err(&metagrad(&["train", "--config", c]));

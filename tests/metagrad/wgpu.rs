@@ -3,15 +3,15 @@
 
 use burn::backend::Flex;
 use burn::backend::wgpu::CubeBackend;
-use metagrad::backend::{wgpu_adapters, wgpu_device};
+use metagrad::autodiff::backend::{wgpu_adapters, wgpu_device};
 use metagrad::bench::random_batch;
-use metagrad::diff::{hvp, value_and_grad};
+use metagrad::autodiff::diff::{hvp, value_and_grad};
 use metagrad::hypergrad::{InnerLoop, Mode, QRule, Task, task_hypergradient};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
-use metagrad::model::{BatchLoss, Conv4};
-use metagrad::store::HostTensor;
-use metagrad::tensor::{Precision, Tensor};
+use metagrad::models::conv4::{BatchLoss, Conv4};
+use metagrad::data::store::HostTensor;
+use metagrad::autodiff::tensor::{Precision, Tensor};
 
 use crate::common::*;
 use crate::ops::{ALL_OPS, host_case};
@@ -27,7 +27,7 @@ fn wgpu_available() -> bool {
     false
 }
 
-fn host<B: metagrad::tensor::Level>(ts: &[Tensor<B>]) -> Vec<f64> {
+fn host<B: metagrad::autodiff::tensor::Level>(ts: &[Tensor<B>]) -> Vec<f64> {
     ts.iter().flat_map(|t| HostTensor::from_tensor(t).to_f64()).collect()
 }
 

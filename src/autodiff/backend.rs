@@ -13,7 +13,7 @@ use burn::backend::tensor::Device;
 use burn::backend::wgpu::{CubeBackend, wgpu};
 use burn::backend::{CubeDevice, Flex, FlexDevice, WgpuDevice, WgpuDeviceKind};
 
-use crate::tensor::{Level, Precision};
+use crate::autodiff::tensor::{Level, Precision};
 
 /// The environment variable that picks the backend when `--backend` is absent.
 pub const BACKEND_ENV: &str = "METAGRAD_BACKEND";

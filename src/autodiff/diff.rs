@@ -10,8 +10,8 @@
 use burn::backend::ops::FloatTensorOps;
 use burn::backend::{Autodiff, AutodiffBackend};
 
-use crate::profile::{Phase, timed};
-use crate::tensor::{Level, Tensor};
+use crate::autodiff::profile::{Phase, timed};
+use crate::autodiff::tensor::{Level, Tensor};
 
 /// A scalar function of a list of parameter tensors, written once for every
 /// level that shares the base backend `Base` (its data lives at `Base`).

@@ -11,11 +11,11 @@ use burn::backend::Backend;
 use burn::backend::tensor::Device;
 use serde::Serialize;
 
-use crate::backend::OnBackend;
-use crate::diff::{hvp, value_and_grad};
+use crate::autodiff::backend::OnBackend;
+use crate::autodiff::diff::{hvp, value_and_grad};
 use crate::hypergrad::{InnerLoop, Mode, QRule, Task, hypergradient, maml};
-use crate::model::{Batch, BatchLoss, Conv4};
-use crate::tensor::{Level, Precision, Tensor};
+use crate::models::conv4::{Batch, BatchLoss, Conv4};
+use crate::autodiff::tensor::{Level, Precision, Tensor};
 
 /// A task shape: model and number of support and query images.
 #[derive(Clone, Copy, Debug)]
@@ -284,8 +284,8 @@ impl OnBackend for HypergradBench {
                     modes.insert(1, Mode::MamlUnrolled);
                 }
                 for mut mode in modes {
-                    let support = crate::model::BatchLoss { model: &model, batch: &task.support };
-                    let query = crate::model::BatchLoss { model: &model, batch: &task.query };
+                    let support = crate::models::conv4::BatchLoss { model: &model, batch: &task.support };
+                    let query = crate::models::conv4::BatchLoss { model: &model, batch: &task.query };
                     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(steps as u64);
                     let (mut exact, mut total) = (0usize, 0usize);
                     let probe = MemoryProbe::<B>::start(&device);
@@ -357,10 +357,10 @@ fn stand_in_split(classes: usize, per_class: usize, image_shape: [usize; 3]) -> 
 
 /// Sampling speed for Omniglot 5-way 1-shot 15-query and 20-way 5-shot, and
 /// Mini-ImageNet 5-way 5-shot 15-query, each for about `seconds`.
-pub fn data_bench(omniglot: &crate::dataset::DatasetSpec, mini: &crate::dataset::DatasetSpec, seconds: f64) -> anyhow::Result<Vec<DataRow>> {
+pub fn data_bench(omniglot: &crate::data::dataset::DatasetSpec, mini: &crate::data::dataset::DatasetSpec, seconds: f64) -> anyhow::Result<Vec<DataRow>> {
     use crate::data::{EpisodeSampler, EpisodeShape};
     use std::sync::Arc;
-    let load = |spec: &crate::dataset::DatasetSpec, classes, per_class, shape| match spec.load_split("train") {
+    let load = |spec: &crate::data::dataset::DatasetSpec, classes, per_class, shape| match spec.load_split("train") {
         Ok(split) => (Arc::new(split), format!("{} cache", spec.kind.name())),
         Err(e) => {
             eprintln!("{} not loaded ({e:#}); timing random images of the same shape", spec.kind.name());
@@ -478,7 +478,7 @@ pub const TRAIN_WORKLOAD_KEYS: &str = "omniglot-5w1s, omniglot-20w1s, mini-image
 
 /// What `bench train` measures.
 pub struct TrainBench {
-    pub selection: crate::backend::Selection,
+    pub selection: crate::autodiff::backend::Selection,
     /// Meta-iterations timed per case, after one warm-up iteration.
     pub steps: usize,
     pub modes: Vec<String>,
@@ -497,17 +497,17 @@ pub struct TrainBench {
     /// paper's Omniglot runs use as many queries as shots.
     pub queries: Option<usize>,
     /// The Conv-4 kernels to time each case with (native first is the default).
-    pub kernels: Vec<crate::kernels::KernelPath>,
+    pub kernels: Vec<crate::autodiff::kernels::KernelPath>,
 }
 
 /// A training job that also reports its peak memory on the backend it runs on.
 struct MeasuredTrain(crate::train::TrainJob);
 
-impl crate::backend::OnBackend for MeasuredTrain {
+impl crate::autodiff::backend::OnBackend for MeasuredTrain {
     type Output = anyhow::Result<(crate::train::Outcome, Option<f64>, String)>;
     fn run<B: Level<Base = B>>(self, device: Device<B>, precision: Precision) -> Self::Output {
         let probe = MemoryProbe::<B>::start(&device);
-        let outcome = crate::backend::OnBackend::run::<B>(self.0, device, precision)?;
+        let outcome = crate::autodiff::backend::OnBackend::run::<B>(self.0, device, precision)?;
         Ok((outcome, probe.peak_mib(), probe.source().to_string()))
     }
 }
@@ -525,7 +525,7 @@ pub fn train_bench(bench: &TrainBench) -> anyhow::Result<Vec<TrainRow>> {
     }
     let dir = std::env::temp_dir().join(format!("metagrad-bench-train-{}", std::process::id()));
     let mut rows = Vec::new();
-    crate::profile::set_enabled(bench.phase_split);
+    crate::autodiff::profile::set_enabled(bench.phase_split);
     for w in TRAIN_WORKLOADS.iter().filter(|w| bench.workloads.is_empty() || bench.workloads.iter().any(|k| k == w.key)) {
         let split = Arc::new(stand_in_split(w.classes, w.per_class, w.image_shape));
         for mode in &bench.modes {
@@ -548,7 +548,7 @@ pub fn train_bench(bench: &TrainBench) -> anyhow::Result<Vec<TrainRow>> {
                     bench.meta_batch.unwrap_or(w.meta_batch),
                     dir.display()
                 );
-                let config = crate::config::Config::parse(&text, &[], "benchmark")?;
+                let config = crate::train::config::Config::parse(&text, &[], "benchmark")?;
                 for &kernels in &bench.kernels {
                     let _ = std::fs::remove_dir_all(config.run_dir());
                     let job = crate::train::TrainJob {
@@ -559,9 +559,9 @@ pub fn train_bench(bench: &TrainBench) -> anyhow::Result<Vec<TrainRow>> {
                         splits: Some((split.clone(), None)),
                         task_batching: bench.batched,
                     };
-                    crate::kernels::start_counting_convolutions();
-                    let measured = kernels.run(|| crate::backend::dispatch(bench.selection, MeasuredTrain(job)));
-                    let conv = crate::kernels::stop_counting_convolutions();
+                    crate::autodiff::kernels::start_counting_convolutions();
+                    let measured = kernels.run(|| crate::autodiff::backend::dispatch(bench.selection, MeasuredTrain(job)));
+                    let conv = crate::autodiff::kernels::stop_counting_convolutions();
                     let (outcome, peak_memory_mib, memory_source) = measured?;
                     let mut row = train_row(w, mode, r, bench, &outcome.timings, peak_memory_mib, memory_source);
                     row.kernels = kernels.name().to_string();
@@ -581,7 +581,7 @@ pub fn train_bench(bench: &TrainBench) -> anyhow::Result<Vec<TrainRow>> {
             }
         }
     }
-    crate::profile::set_enabled(false);
+    crate::autodiff::profile::set_enabled(false);
     let _ = std::fs::remove_dir_all(&dir);
     Ok(rows)
 }
@@ -670,7 +670,7 @@ pub fn format_train_table(rows: &[TrainRow]) -> String {
     }
     if rows.iter().any(|r| r.conv_gflops_per_core.is_some()) {
         let f64_run = rows.iter().any(|r| r.precision == "f64");
-        if let Some((peak, how)) = crate::kernels::peak_gflops_per_core(f64_run) {
+        if let Some((peak, how)) = crate::autodiff::kernels::peak_gflops_per_core(f64_run) {
             out.push_str(&format!(
                 "conv: share of the cores' time in the native convolutions; conv GF/s: their achieved GFLOP/s per core, against a peak of about {peak:.0} per core ({how})\n"
             ));

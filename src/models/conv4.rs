@@ -13,8 +13,8 @@ use burn::backend::tensor::Device;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use crate::diff::Objective;
-use crate::tensor::{Level, Precision, Tensor, one_hot};
+use crate::autodiff::diff::Objective;
+use crate::autodiff::tensor::{Level, Precision, Tensor, one_hot};
 
 pub const BATCH_NORM_EPS: f64 = 1e-5;
 const BLOCKS: usize = 4;

@@ -14,9 +14,9 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use crate::config::Config;
+use crate::train::config::Config;
 use crate::hypergrad::Mode;
-use crate::store::{HostTensor, read_safetensors, write_atomic, write_safetensors};
+use crate::data::store::{HostTensor, read_safetensors, write_atomic, write_safetensors};
 
 pub const FORMAT: u32 = 1;
 const PARAMS: &str = "params.safetensors";

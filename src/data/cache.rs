@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 
-use crate::store::write_atomic;
+use crate::data::store::write_atomic;
 
 const MAGIC: &[u8; 8] = b"MGCACHE2";
 

@@ -14,8 +14,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 
-use crate::dataset::DatasetKind;
-use crate::episode::{Episode, LabelledImages};
+use crate::data::dataset::DatasetKind;
+use crate::data::episode::{Episode, LabelledImages};
 
 /// One episode read from a folder, with the name it is reported under.
 pub struct FixedEpisode {
@@ -46,9 +46,9 @@ fn load_image(path: &Path, dataset: DatasetKind) -> Result<Vec<u8>> {
     match dataset {
         DatasetKind::Omniglot | DatasetKind::Synthetic => {
             let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
-            crate::omniglot::decode(&path.display().to_string(), &bytes, size)
+            crate::data::omniglot::decode(&path.display().to_string(), &bytes, size)
         }
-        DatasetKind::MiniImagenet | DatasetKind::SyntheticRgb => crate::mini_imagenet::decode(path, size),
+        DatasetKind::MiniImagenet | DatasetKind::SyntheticRgb => crate::data::mini_imagenet::decode(path, size),
     }
 }
 

@@ -12,7 +12,7 @@ use std::time::Instant;
 
 use burn::backend::tensor::Device;
 
-use crate::tensor::Level;
+use crate::autodiff::tensor::Level;
 
 #[derive(Clone, Copy, Debug)]
 pub enum Phase {

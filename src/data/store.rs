@@ -11,8 +11,8 @@ use anyhow::{Context, Result, bail};
 use burn::backend::tensor::Device;
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 
-use crate::model::Conv4;
-use crate::tensor::{Level, Precision, Tensor};
+use crate::models::conv4::Conv4;
+use crate::autodiff::tensor::{Level, Precision, Tensor};
 
 /// Write `bytes` to `path` through a temporary file in the same directory,
 /// fsync it, rename it over the target, then fsync the directory.

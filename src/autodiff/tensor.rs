@@ -15,7 +15,7 @@ use burn::backend::{
 };
 use burn::backend::Autodiff;
 
-use crate::kernels::{self, ConvNetOps};
+use crate::autodiff::kernels::{self, ConvNetOps};
 
 /// Floating-point precision of a run. f64 exists on the CPU backend only.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

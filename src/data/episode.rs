@@ -9,9 +9,9 @@ use anyhow::{Context, Result, bail};
 use burn::backend::tensor::Device;
 
 use crate::hypergrad::Task;
-use crate::model::{Batch, Conv4};
-use crate::store::{HostTensor, Values, read_safetensors, write_safetensors};
-use crate::tensor::{Level, Precision, Tensor};
+use crate::models::conv4::{Batch, Conv4};
+use crate::data::store::{HostTensor, Values, read_safetensors, write_safetensors};
+use crate::autodiff::tensor::{Level, Precision, Tensor};
 
 /// Images [n, C, H, W] in f32 and their labels.
 #[derive(Clone, Debug, PartialEq)]

@@ -8,7 +8,7 @@ use anyhow::{Result, bail};
 use serde::{Deserialize, Serialize};
 
 use crate::data::Split;
-use crate::{mini_imagenet, omniglot, synthetic};
+use crate::data::{mini_imagenet, omniglot, synthetic};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -85,7 +85,7 @@ impl DatasetSpec {
         DatasetSpec {
             kind,
             data_dir: resolve_data_dir(kind, data_dir),
-            cache_dir: crate::cache::default_dir(),
+            cache_dir: crate::data::cache::default_dir(),
             split_scheme: "vinyals".to_string(),
             rotations: true,
             image_size: kind.default_image_size(),

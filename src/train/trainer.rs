@@ -20,17 +20,17 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use crate::backend::OnBackend;
+use crate::autodiff::backend::OnBackend;
 use crate::batched::{batched_hypergradient, task_by_task_hypergradient};
-use crate::episode::Episode;
-use crate::checkpoint::{self, Checkpoint, FORMAT, RngState, RunLock, TrainState, prune, set_pointer, step_name};
-use crate::config::Config;
+use crate::data::episode::Episode;
+use crate::train::checkpoint::{self, Checkpoint, FORMAT, RngState, RunLock, TrainState, prune, set_pointer, step_name};
+use crate::train::config::Config;
 use crate::data::{BackgroundSampler, EpisodeSampler, EpisodeShape, Split};
-use crate::diff::{Objective, norm_all};
+use crate::autodiff::diff::{Objective, norm_all};
 use crate::hypergrad::{InnerLoop, Mode, adapt, adapted_accuracy, proximal_adapt};
-use crate::model::{BatchLoss, Conv4};
-use crate::store::{HostTensor, check_params, params_to_host};
-use crate::tensor::{Level, Precision, Tensor};
+use crate::models::conv4::{BatchLoss, Conv4};
+use crate::data::store::{HostTensor, check_params, params_to_host};
+use crate::autodiff::tensor::{Level, Precision, Tensor};
 
 /// One line of the metrics log.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -201,7 +201,7 @@ pub struct StepTiming {
     pub other_s: f64,
     /// Thread time inside the hypergradients by phase (zero unless
     /// `profile` is on).
-    pub phases: crate::profile::PhaseTimes,
+    pub phases: crate::autodiff::profile::PhaseTimes,
 }
 
 pub struct TrainJob {
@@ -343,8 +343,8 @@ fn train<B: Level<Base = B>>(job: TrainJob, device: Device<B>, precision: Precis
         set_pointer(&run_dir, "latest", &step_name(c.state.step))?;
     }
     // The log restarts from what the checkpoint holds, so a resumed run's log equals an uninterrupted one's.
-    crate::store::write_atomic(&run_dir.join("metrics.jsonl"), metrics.as_bytes())?;
-    crate::store::write_atomic(&run_dir.join("config.toml"), config.to_toml().as_bytes())?;
+    crate::data::store::write_atomic(&run_dir.join("metrics.jsonl"), metrics.as_bytes())?;
+    crate::data::store::write_atomic(&run_dir.join("config.toml"), config.to_toml().as_bytes())?;
     let mut log = OpenOptions::new().append(true).open(run_dir.join("metrics.jsonl"))?;
     let mut sampler = BackgroundSampler::start(sampler, config.data.prefetch);
     let mut episode_rng = resume.as_ref().map(|c| c.state.episode_rng.clone());
@@ -409,9 +409,9 @@ fn train<B: Level<Base = B>>(job: TrainJob, device: Device<B>, precision: Precis
         let data_s = step_start.elapsed().as_secs_f64();
         let refs: Vec<&Episode> = episodes.iter().collect();
         let meta_batch = if task_batching { batched_hypergradient } else { task_by_task_hypergradient };
-        let phases_before = crate::profile::totals();
+        let phases_before = crate::autodiff::profile::totals();
         let r = meta_batch(active, &model, &refs, &theta, &inner, precision, &device, &mut ufo_rng);
-        let phases = crate::profile::totals().since(&phases_before);
+        let phases = crate::autodiff::profile::totals().since(&phases_before);
         let t = config.train.meta_batch as f64;
         let mut grad = r.grad;
         let (loss, accuracy) = (r.query_losses.iter().sum::<f64>() / t, r.query_accuracies.iter().sum::<f64>() / t);
@@ -510,7 +510,7 @@ pub struct EvalJob {
     pub split: String,
     pub episodes: usize,
     /// Evaluate these instead of sampling `episodes` from `split`.
-    pub fixed: Option<Vec<crate::fixed_episodes::FixedEpisode>>,
+    pub fixed: Option<Vec<crate::data::fixed_episodes::FixedEpisode>>,
     /// Test-time inner steps; the config's eval.inner_steps when absent.
     pub inner_steps: Option<usize>,
     pub seed: u64,

@@ -8,9 +8,9 @@ use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 
 use crate::data::EpisodeShape;
-use crate::dataset::{DatasetKind, DatasetSpec};
+use crate::data::dataset::{DatasetKind, DatasetSpec};
 use crate::hypergrad::{AdaptiveQ, InnerLoop, Mode, QRule};
-use crate::model::Conv4;
+use crate::models::conv4::Conv4;
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -274,7 +274,7 @@ impl Config {
     }
 
     /// Whether training on `backend` stacks the meta-batch into one network.
-    pub fn task_batching(&self, backend: crate::backend::BackendKind) -> bool {
+    pub fn task_batching(&self, backend: crate::autodiff::backend::BackendKind) -> bool {
         match self.train.task_batching.as_str() {
             "on" => true,
             "off" => false,

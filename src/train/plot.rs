@@ -10,15 +10,15 @@ use anyhow::{Context, Result, anyhow};
 use plotters::prelude::*;
 use plotters::style::FontStyle;
 
-use crate::episode::Episode;
-use crate::store::write_atomic;
+use crate::data::episode::Episode;
+use crate::data::store::write_atomic;
 
 pub const FONT: &str = "sans-serif";
 
 pub(crate) fn register_font() {
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
-        let bytes: &'static [u8] = include_bytes!("../assets/fonts/DejaVuSansMono.ttf");
+        let bytes: &'static [u8] = include_bytes!("../../assets/fonts/DejaVuSansMono.ttf");
         if plotters::style::register_font(FONT, FontStyle::Normal, bytes).is_err() {
             eprintln!("metagrad: the embedded font could not be loaded; plots will have no text");
         }
@@ -41,7 +41,7 @@ pub fn episode_grid(episode: &Episode, class_names: &[String], path: &Path) -> R
     let scale = (64 / h.max(w)).max(1);
     let (cell_w, cell_h) = (w * scale + 6, h * scale + 6);
     let way = episode.way;
-    let rows_of = |part: &crate::episode::LabelledImages| part.labels.len().div_ceil(way);
+    let rows_of = |part: &crate::data::episode::LabelledImages| part.labels.len().div_ceil(way);
     let (shot, queries) = (rows_of(&episode.support), rows_of(&episode.query));
     let (left, top, gap) = (80usize, 44usize, 18usize);
     let width = left + way * cell_w.max(90) + 8;
@@ -61,7 +61,7 @@ pub fn episode_grid(episode: &Episode, class_names: &[String], path: &Path) -> R
         }
     };
     let mut next_row = vec![0usize; way];
-    let mut place = |part: &crate::episode::LabelledImages, first_y: usize| {
+    let mut place = |part: &crate::data::episode::LabelledImages, first_y: usize| {
         next_row.iter_mut().for_each(|r| *r = 0);
         let n = h * w * channels;
         for (i, &label) in part.labels.iter().enumerate() {

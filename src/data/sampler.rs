@@ -15,7 +15,7 @@ use anyhow::{Result, bail};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
-use crate::episode::{Episode, LabelledImages};
+use crate::data::episode::{Episode, LabelledImages};
 
 /// One class: `count` images of shape [C, H, W], stored contiguously as u8
 /// (pixel value ×255), a quarter of the memory of f32: Mini-ImageNet's

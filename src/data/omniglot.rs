@@ -19,7 +19,7 @@ use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
 
-use crate::cache::{self, CachedClass, file_identity, fingerprint};
+use crate::data::cache::{self, CachedClass, file_identity, fingerprint};
 use crate::data::{Class, Split};
 
 pub const ARCHIVES: [&str; 2] = ["images_background", "images_evaluation"];

@@ -12,7 +12,7 @@ use anyhow::{Context, Result, bail};
 use indicatif::{ProgressBar, ProgressStyle};
 use sha2::{Digest, Sha256};
 
-use crate::store::commit_file;
+use crate::data::store::commit_file;
 
 /// A file a dataset needs, with the digest of the official copy.
 #[derive(Clone, Copy, Debug)]

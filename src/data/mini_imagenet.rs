@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 use image::imageops::FilterType;
 
-use crate::cache::{self, CachedClass, file_identity, fingerprint};
+use crate::data::cache::{self, CachedClass, file_identity, fingerprint};
 use crate::data::{Class, Split};
 
 pub const SPLITS: [&str; 3] = ["train", "val", "test"];

@@ -1,0 +1,3 @@
+//! Models meta-learned by metagrad.
+
+pub mod conv4;
