@@ -19,10 +19,12 @@ use metagrad::data::dataset::{DatasetKind, DatasetSpec, resolve_data_dir};
 use metagrad::data::fetch::{self, Source};
 use metagrad::data::mini_imagenet;
 use metagrad::data::episode::Episode;
-use metagrad::hypergrad::{AdaptiveQ, InnerLoop, Mode, QRule, adapted_accuracy, task_hypergradient, ufo_mean};
-use metagrad::models::conv4::{BatchLoss, Conv4};
-use metagrad::data::store::{HostTensor, infer_conv4, read_safetensors, save_params, write_safetensors};
-use metagrad::autodiff::tensor::{Level, Precision, Tensor};
+use metagrad::hypergrad::task::accuracy;
+use metagrad::hypergrad::{AdaptiveQ, InnerLoop, Mode, QRule, TaskLoss, task_hypergradient, ufo_mean};
+use metagrad::models::params::save_params;
+use metagrad::models::{Conv4, FunctionalModel, Params, check_task_fits};
+use metagrad::data::store::{HostTensor, read_safetensors, write_safetensors};
+use metagrad::autodiff::tensor::{BaseBackend, Precision, Tensor};
 use rand::SeedableRng;
 
 #[derive(Parser)]
@@ -47,10 +49,10 @@ impl BackendArgs {
     /// Put the flags that were given into a config's [run] section.
     fn apply_to(&self, config: &mut Config) {
         if let Some(kind) = self.backend {
-            config.run.backend = kind.name().to_string();
+            config.run.backend = kind.into();
         }
         if let Some(precision) = self.precision {
-            config.run.precision = precision.name().to_string();
+            config.run.precision = precision;
         }
     }
 
@@ -423,7 +425,7 @@ struct InitJob {
 
 impl OnBackend for InitJob {
     type Output = Result<()>;
-    fn run<B: Level<Base = B>>(self, device: Device<B>, precision: Precision) -> Result<()> {
+    fn run<B: BaseBackend>(self, device: Device<B>, precision: Precision) -> Result<()> {
         let params = self.model.init::<B>(self.seed, precision, &device);
         save_params(&self.out, &self.model, &params)
     }
@@ -440,27 +442,27 @@ struct HypergradJob {
 
 impl OnBackend for HypergradJob {
     type Output = Result<()>;
-    fn run<B: Level<Base = B>>(self, device: Device<B>, precision: Precision) -> Result<()> {
+    fn run<B: BaseBackend>(self, device: Device<B>, precision: Precision) -> Result<()> {
         let HypergradJob { args, mut mode, inner, model, params, episode } = self;
-        let theta: Vec<Tensor<B>> =
-            model.parameter_shapes().iter().map(|(name, _)| params[name].to_tensor(precision, &device)).collect();
-        let task = episode.to_task::<B>(precision, &device);
+        let theta = Params::<B>::from_host(&model, &params, "the parameters", precision, &device)?;
+        let task = episode.task();
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(args.seed);
         let (h, accuracy_after, note) = match mode {
             Mode::Ufo(QRule::Fixed(q)) => {
-                let support = BatchLoss { model: &model, batch: &task.support };
-                let query = BatchLoss { model: &model, batch: &task.query };
+                let support = TaskLoss::single(&model, &task.support, precision, &device);
+                let query = TaskLoss::single(&model, &task.query, precision, &device);
                 let (h, exact) = ufo_mean(&support, &query, &theta, &inner, q, args.samples, &mut rng);
-                let acc = adapted_accuracy(&model, &h.adapted, &task.query);
+                let acc = accuracy(h.query.output.as_ref().expect("logits"), &episode.query.labels);
                 (h, acc, format!(", mean of {} estimates, {exact} took the exact branch", args.samples))
             }
             _ => {
-                let r = task_hypergradient(&mut mode, &model, &task, &theta, &inner, &mut rng);
-                (r.hypergradient, r.query_accuracy, String::new())
+                let (h, accuracy) = task_hypergradient(&mut mode, &model, &task, &theta, &inner, &mut rng);
+                (h, accuracy.expect("episodes are classification tasks"), String::new())
             }
         };
-        let mut tensors = metagrad::data::store::params_to_host(&model, &h.grad);
-        let loss = Tensor::<B>::from_f64(&[h.query_loss], &[1], precision, &device);
+        let mut tensors = theta.with_tensors(h.grad.clone()).to_host();
+        let query_loss = h.query_loss();
+        let loss = Tensor::<B>::from_f64(&[query_loss], &[1], precision, &device);
         tensors.push(("query_loss".to_string(), HostTensor::from_tensor(&loss)));
         let metadata = std::collections::BTreeMap::from([
             ("format".to_string(), "pt".to_string()),
@@ -472,7 +474,7 @@ impl OnBackend for HypergradJob {
         println!(
             "{}: query loss {:.6}, query accuracy {:.4} after {} inner steps{note}; wrote {}",
             mode.name(),
-            h.query_loss,
+            query_loss,
             accuracy_after,
             inner.steps,
             args.out.display()
@@ -490,8 +492,8 @@ fn hypergrad(args: HypergradArgs) -> Result<()> {
     }
     let episode = Episode::read(&args.episode)?;
     let params = read_safetensors(&args.params)?;
-    let model = infer_conv4(&params, episode.support.shape[2], &args.params.display().to_string())?;
-    episode.check_fits(&model, &args.episode.display().to_string())?;
+    let model = Conv4::infer(&params, episode.support.shape[2], &args.params.display().to_string())?;
+    check_task_fits(&model, &episode.task(), &args.episode.display().to_string())?;
     let selection = args.backend.select()?;
     backend::dispatch(selection, HypergradJob { args, mode, inner, model, params, episode })
 }
@@ -577,11 +579,7 @@ fn default_config(overrides: &[String]) -> Result<Config> {
 }
 
 fn backend_of(config: &Config) -> Result<Selection> {
-    let kind = match config.run.backend.as_str() {
-        "auto" => None,
-        other => Some(other.parse::<BackendKind>().map_err(anyhow::Error::msg)?),
-    };
-    BackendArgs { backend: kind, precision: Some(config.run.precision.parse().map_err(anyhow::Error::msg)?) }.select()
+    BackendArgs { backend: config.run.backend.kind(), precision: Some(config.run.precision) }.select()
 }
 
 fn train(args: TrainArgs) -> Result<ExitCode> {

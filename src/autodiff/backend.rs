@@ -13,7 +13,7 @@ use burn::backend::tensor::Device;
 use burn::backend::wgpu::{CubeBackend, wgpu};
 use burn::backend::{CubeDevice, Flex, FlexDevice, WgpuDevice, WgpuDeviceKind};
 
-use crate::autodiff::tensor::{Level, Precision};
+use crate::autodiff::tensor::{BaseBackend, Precision};
 
 /// The environment variable that picks the backend when `--backend` is absent.
 pub const BACKEND_ENV: &str = "METAGRAD_BACKEND";
@@ -157,7 +157,7 @@ pub fn select(requested: Option<BackendKind>, precision: Option<Precision>) -> R
 /// selected one.
 pub trait OnBackend {
     type Output;
-    fn run<B: Level<Base = B>>(self, device: Device<B>, precision: Precision) -> Self::Output;
+    fn run<B: BaseBackend>(self, device: Device<B>, precision: Precision) -> Self::Output;
 }
 
 pub fn wgpu_device() -> CubeDevice {

@@ -17,6 +17,41 @@ use crate::autodiff::tensor::{Level, Tensor};
 /// level that shares the base backend `Base` (its data lives at `Base`).
 pub trait Objective<Base> {
     fn eval<B: Level<Base = Base>>(&self, params: &[Tensor<B>]) -> Tensor<B>;
+
+    /// The loss together with the model outputs it was computed from, when
+    /// the objective has any (a model's loss on a batch: its logits).
+    fn evaluate<B: Level<Base = Base>>(&self, params: &[Tensor<B>]) -> Evaluation<B> {
+        Evaluation { loss: self.eval(params), output: None }
+    }
+
+    /// How many independent problems the objective sums: T for T tasks
+    /// stacked (their Hessian is block-diagonal, one block per task), 1 otherwise.
+    fn tasks(&self) -> usize {
+        1
+    }
+}
+
+/// A loss and the outputs it was computed from, at one level.
+pub struct Evaluation<B: Level> {
+    pub loss: Tensor<B>,
+    pub output: Option<Tensor<B>>,
+}
+
+impl<B: Level> Evaluation<B> {
+    /// Values only: the same evaluation on the base backend, no graph.
+    pub fn to_base(&self) -> Evaluation<B::Base>
+    where
+        B::Base: Level,
+    {
+        Evaluation { loss: self.loss.to_base(), output: self.output.as_ref().map(|o| o.to_base()) }
+    }
+}
+
+impl<B: Level> Evaluation<Autodiff<B>> {
+    /// Drop the top level, keeping the graph of the levels below.
+    pub fn lower(self) -> Evaluation<B> {
+        Evaluation { loss: lower(self.loss), output: self.output.map(lower) }
+    }
 }
 
 /// Fresh leaves of `Autodiff<B>` holding the values (and the graph, at lower
@@ -63,11 +98,21 @@ where
     B: Level,
     F: Objective<B::Base>,
 {
+    let (evaluation, grads) = evaluate_and_grad(f, params);
+    (evaluation.loss, grads)
+}
+
+/// `value_and_grad` that also keeps the outputs the loss was computed from.
+pub fn evaluate_and_grad<B, F>(f: &F, params: &[Tensor<B>]) -> (Evaluation<B>, Vec<Tensor<B>>)
+where
+    B: Level,
+    F: Objective<B::Base>,
+{
     let device = params[0].device();
     let leaves = lift(params);
-    let loss = timed::<B, _>(Phase::Forward, &device, || f.eval(&leaves));
-    let grads = timed::<B, _>(Phase::Backward, &device, || backward(&loss, &leaves));
-    (lower(loss), grads)
+    let evaluation = timed::<B, _>(Phase::Forward, &device, || f.evaluate(&leaves));
+    let grads = timed::<B, _>(Phase::Backward, &device, || backward(&evaluation.loss, &leaves));
+    (evaluation.lower(), grads)
 }
 
 /// Value, gradient and Hessian-vector product H·v of the objective at

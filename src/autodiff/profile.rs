@@ -50,6 +50,11 @@ impl PhaseTimes {
     }
 }
 
+/// Whether an observer asked for timings (`bench`, `--profile`).
+pub fn enabled() -> bool {
+    ON.load(Ordering::Relaxed)
+}
+
 pub fn set_enabled(on: bool) {
     ON.store(on, Ordering::SeqCst);
 }

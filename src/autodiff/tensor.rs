@@ -18,7 +18,8 @@ use burn::backend::Autodiff;
 use crate::autodiff::kernels::{self, ConvNetOps};
 
 /// Floating-point precision of a run. f64 exists on the CPU backend only.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Precision {
     F32,
     F64,
@@ -71,6 +72,13 @@ pub trait Level: ConvNetOps {
     fn base_to_burn(t: FloatTensor<Self::Base>) -> burn::tensor::Tensor<1>;
     fn base_from_burn(t: burn::tensor::Tensor<1>) -> FloatTensor<Self::Base>;
 }
+
+/// A backend without autodiff on which a run's values live: the level the
+/// layers above this one name (`B: BaseBackend`); the autodiff levels above
+/// it stay inside this module and `diff`.
+pub trait BaseBackend: Level<Base = Self> {}
+
+impl<B: Level<Base = B>> BaseBackend for B {}
 
 macro_rules! base_level {
     ($backend:ty) => {

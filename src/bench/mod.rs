@@ -13,9 +13,10 @@ use serde::Serialize;
 
 use crate::autodiff::backend::OnBackend;
 use crate::autodiff::diff::{hvp, value_and_grad};
-use crate::hypergrad::{InnerLoop, Mode, QRule, Task, hypergradient, maml};
-use crate::models::conv4::{Batch, BatchLoss, Conv4};
-use crate::autodiff::tensor::{Level, Precision, Tensor};
+use crate::data::task::{Examples, Task};
+use crate::hypergrad::{InnerLoop, Mode, QRule, TaskLoss, hypergradient, maml};
+use crate::models::{Conv4, FunctionalModel};
+use crate::autodiff::tensor::{BaseBackend, Precision, Tensor};
 
 /// A task shape: model and number of support and query images.
 #[derive(Clone, Copy, Debug)]
@@ -47,13 +48,12 @@ pub struct BenchRow {
 }
 
 /// A batch of random images with labels cycling through the classes.
-pub fn random_batch<B: Level>(model: &Conv4, n: usize, seed: u64, precision: Precision, device: &Device<B>) -> Batch<B> {
+pub fn random_batch(model: &Conv4, n: usize, seed: u64) -> Examples {
     use rand::{Rng, SeedableRng};
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-    let dims = [n, model.in_channels, model.image_size, model.image_size];
-    let values: Vec<f64> = (0..dims.iter().product::<usize>()).map(|_| rng.random::<f64>()).collect();
-    let images = Tensor::from_f64(&values, &dims, precision, device);
-    Batch::new(images, (0..n).map(|i| i % model.way).collect(), model.way)
+    let dims = vec![n, model.in_channels, model.image_size, model.image_size];
+    let values: Vec<f32> = (0..dims.iter().product::<usize>()).map(|_| rng.random::<f64>() as f32).collect();
+    Examples::classified(values, dims, (0..n).map(|i| i % model.way).collect(), model.way)
 }
 
 /// Give freed heap pages back to the OS so the next high-water mark starts
@@ -161,16 +161,16 @@ pub struct AutodiffBench {
 impl OnBackend for AutodiffBench {
     type Output = Vec<BenchRow>;
 
-    fn run<B: Level<Base = B>>(self, device: Device<B>, precision: Precision) -> Vec<BenchRow> {
+    fn run<B: BaseBackend>(self, device: Device<B>, precision: Precision) -> Vec<BenchRow> {
         let mut rows = Vec::new();
         for shape in autodiff_shapes() {
             let model = shape.model;
             let theta = model.init::<B>(0, precision, &device);
-            let support = random_batch(&model, shape.support, 1, precision, &device);
-            let query = random_batch(&model, shape.query, 2, precision, &device);
-            let support_loss = BatchLoss { model: &model, batch: &support };
-            let query_loss = BatchLoss { model: &model, batch: &query };
-            let direction: Vec<Tensor<B>> = model.init::<B>(3, precision, &device);
+            let support = random_batch(&model, shape.support, 1);
+            let query = random_batch(&model, shape.query, 2);
+            let support_loss = TaskLoss::single(&model, &support, precision, &device);
+            let query_loss = TaskLoss::single(&model, &query, precision, &device);
+            let direction: Vec<Tensor<B>> = model.init::<B>(3, precision, &device).into_tensors();
 
             let case = |operation: &str, f: &mut dyn FnMut()| {
                 let probe = MemoryProbe::<B>::start(&device);
@@ -267,16 +267,13 @@ pub struct HypergradBench {
 impl OnBackend for HypergradBench {
     type Output = Vec<HypergradRow>;
 
-    fn run<B: Level<Base = B>>(self, device: Device<B>, precision: Precision) -> Vec<HypergradRow> {
+    fn run<B: BaseBackend>(self, device: Device<B>, precision: Precision) -> Vec<HypergradRow> {
         use rand::SeedableRng;
         let mut rows = Vec::new();
         for shape in hypergrad_shapes() {
             let model = shape.model;
             let theta = model.init::<B>(0, precision, &device);
-            let task = Task {
-                support: random_batch(&model, shape.support, 1, precision, &device),
-                query: random_batch(&model, shape.query, 2, precision, &device),
-            };
+            let task = Task { support: random_batch(&model, shape.support, 1), query: random_batch(&model, shape.query, 2) };
             for &steps in &self.steps {
                 let inner = InnerLoop { steps, lr: 0.1 };
                 let mut modes = vec![Mode::Maml, Mode::Fomaml, Mode::Ufo(QRule::Fixed(self.ufo_q)), Mode::Implicit { lambda: 2.0, cg_steps: 5 }];
@@ -284,15 +281,15 @@ impl OnBackend for HypergradBench {
                     modes.insert(1, Mode::MamlUnrolled);
                 }
                 for mut mode in modes {
-                    let support = crate::models::conv4::BatchLoss { model: &model, batch: &task.support };
-                    let query = crate::models::conv4::BatchLoss { model: &model, batch: &task.query };
+                    let support = TaskLoss::single(&model, &task.support, precision, &device);
+                    let query = TaskLoss::single(&model, &task.query, precision, &device);
                     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(steps as u64);
                     let (mut exact, mut total) = (0usize, 0usize);
                     let probe = MemoryProbe::<B>::start(&device);
                     let ms = mean_ms::<B>(&device, self.warmup, self.iters, || {
                         let h = hypergradient(&mut mode, &support, &query, &theta, &inner, &mut rng);
                         total += 1;
-                        exact += usize::from(h.exact_branch == Some(true));
+                        exact += usize::from(h.exact_branch() == Some(true));
                     });
                     let is_ufo = matches!(mode, Mode::Ufo(_));
                     let row = HypergradRow {
@@ -505,7 +502,7 @@ struct MeasuredTrain(crate::train::TrainJob);
 
 impl crate::autodiff::backend::OnBackend for MeasuredTrain {
     type Output = anyhow::Result<(crate::train::Outcome, Option<f64>, String)>;
-    fn run<B: Level<Base = B>>(self, device: Device<B>, precision: Precision) -> Self::Output {
+    fn run<B: BaseBackend>(self, device: Device<B>, precision: Precision) -> Self::Output {
         let probe = MemoryProbe::<B>::start(&device);
         let outcome = crate::autodiff::backend::OnBackend::run::<B>(self.0, device, precision)?;
         Ok((outcome, probe.peak_mib(), probe.source().to_string()))

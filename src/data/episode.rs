@@ -6,12 +6,9 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use anyhow::{Context, Result, bail};
-use burn::backend::tensor::Device;
 
-use crate::hypergrad::Task;
-use crate::models::conv4::{Batch, Conv4};
 use crate::data::store::{HostTensor, Values, read_safetensors, write_safetensors};
-use crate::autodiff::tensor::{Level, Precision, Tensor};
+use crate::data::task::{Examples, Task};
 
 /// Images [n, C, H, W] in f32 and their labels.
 #[derive(Clone, Debug, PartialEq)]
@@ -22,10 +19,9 @@ pub struct LabelledImages {
 }
 
 impl LabelledImages {
-    pub fn to_batch<B: Level>(&self, way: usize, precision: Precision, device: &Device<B>) -> Batch<B> {
-        let values: Vec<f64> = self.images.iter().map(|&v| v as f64).collect();
-        let images = Tensor::from_f64(&values, &self.shape, precision, device);
-        Batch::new(images, self.labels.clone(), way)
+    /// The images as classified examples over `classes` classes.
+    pub fn to_examples(&self, classes: usize) -> Examples {
+        Examples::classified(self.images.clone(), self.shape.to_vec(), self.labels.clone(), classes)
     }
 }
 
@@ -37,36 +33,9 @@ pub struct Episode {
 }
 
 impl Episode {
-    pub fn to_task<B: Level>(&self, precision: Precision, device: &Device<B>) -> Task<B> {
-        Task {
-            support: self.support.to_batch(self.way, precision, device),
-            query: self.query.to_batch(self.way, precision, device),
-        }
-    }
-
-    /// Check the episode fits a model: image shape and labels below its way.
-    pub fn check_fits(&self, model: &Conv4, source: &str) -> Result<()> {
-        let expected = [model.in_channels, model.image_size, model.image_size];
-        for (name, part) in [("support_x", &self.support), ("query_x", &self.query)] {
-            if part.shape[1..] != expected {
-                bail!(
-                    "{source}: {name} holds images of shape {:?}, but the parameters are for {:?} images",
-                    &part.shape[1..],
-                    expected
-                );
-            }
-        }
-        if self.way != model.way {
-            bail!(
-                "{source}: the episode is {}-way but the parameters have a {}-way head (head.weight [{}, {}]); use parameters made with --way {}",
-                self.way,
-                model.way,
-                model.way,
-                model.features(),
-                self.way
-            );
-        }
-        Ok(())
+    /// The episode as a task of `way`-class examples.
+    pub fn task(&self) -> Task {
+        Task { support: self.support.to_examples(self.way), query: self.query.to_examples(self.way) }
     }
 
     pub fn write(&self, path: &Path) -> Result<()> {

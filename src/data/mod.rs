@@ -10,7 +10,10 @@ pub mod fixed_episodes;
 pub mod mini_imagenet;
 pub mod omniglot;
 pub mod sampler;
+pub mod sinusoid;
 pub mod store;
 pub mod synthetic;
+pub mod task;
 
 pub use sampler::{BackgroundSampler, Class, EpisodeSampler, EpisodeShape, Split};
+pub use task::{Examples, Targets, Task};

@@ -11,7 +11,6 @@ use anyhow::{Context, Result, bail};
 use burn::backend::tensor::Device;
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 
-use crate::models::conv4::Conv4;
 use crate::autodiff::tensor::{Level, Precision, Tensor};
 
 /// Write `bytes` to `path` through a temporary file in the same directory,
@@ -90,7 +89,7 @@ impl HostTensor {
         Tensor::from_f64(&self.to_f64(), &self.shape, precision, device)
     }
 
-    fn dtype_name(&self) -> &'static str {
+    pub fn dtype_name(&self) -> &'static str {
         match self.values {
             Values::F32(_) => "f32",
             Values::F64(_) => "f64",
@@ -155,91 +154,4 @@ pub fn read_safetensors(path: &Path) -> Result<BTreeMap<String, HostTensor>> {
         out.insert(name, HostTensor { shape: view.shape().to_vec(), values });
     }
     Ok(out)
-}
-
-/// Conv-4 parameters as named host tensors, in the model's order.
-pub fn params_to_host<B: Level>(model: &Conv4, params: &[Tensor<B>]) -> Vec<(String, HostTensor)> {
-    model
-        .parameter_shapes()
-        .into_iter()
-        .zip(params)
-        .map(|((name, _), t)| (name, HostTensor::from_tensor(t)))
-        .collect()
-}
-
-fn model_metadata(model: &Conv4) -> BTreeMap<String, String> {
-    BTreeMap::from([
-        ("format".to_string(), "pt".to_string()),
-        ("architecture".to_string(), "conv4".to_string()),
-        ("in_channels".to_string(), model.in_channels.to_string()),
-        ("image_size".to_string(), model.image_size.to_string()),
-        ("channels".to_string(), model.channels.to_string()),
-        ("way".to_string(), model.way.to_string()),
-    ])
-}
-
-/// Save Conv-4 parameters with PyTorch names and layouts.
-pub fn save_params<B: Level>(path: &Path, model: &Conv4, params: &[Tensor<B>]) -> Result<()> {
-    write_safetensors(path, &params_to_host(model, params), &model_metadata(model))
-}
-
-/// Check named host tensors against the model: every parameter present with
-/// its shape, nothing extra. Errors name the parameter and both shapes.
-pub fn check_params(model: &Conv4, tensors: &BTreeMap<String, HostTensor>, source: &str) -> Result<()> {
-    let expected = model.parameter_shapes();
-    let describe = format!(
-        "a Conv-4 with {} input channel(s), {}×{} images, {} channels and {} classes",
-        model.in_channels, model.image_size, model.image_size, model.channels, model.way
-    );
-    for (name, shape) in &expected {
-        match tensors.get(name) {
-            None => bail!("{source}: parameter '{name}' (shape {shape:?}) is missing; expected {describe}"),
-            Some(t) if &t.shape != shape => bail!(
-                "{source}: parameter '{name}' has shape {:?} but {describe} needs {shape:?}; the file was made for another architecture or way",
-                t.shape
-            ),
-            Some(t) if matches!(t.values, Values::I64(_)) => {
-                bail!("{source}: parameter '{name}' has dtype {}; parameters must be f32 or f64", t.dtype_name())
-            }
-            Some(_) => {}
-        }
-    }
-    if let Some(extra) = tensors.keys().find(|k| !expected.iter().any(|(n, _)| n == *k)) {
-        bail!("{source}: unexpected parameter '{extra}', which {describe} does not have");
-    }
-    Ok(())
-}
-
-/// The Conv-4 that named host tensors describe, for images of `image_size`:
-/// width and input channels from `conv1.weight`, classes from `head.weight`.
-pub fn infer_conv4(tensors: &BTreeMap<String, HostTensor>, image_size: usize, source: &str) -> Result<Conv4> {
-    let shape = |name: &str| {
-        tensors
-            .get(name)
-            .map(|t| t.shape.clone())
-            .with_context(|| format!("{source}: parameter '{name}' is missing; this is not a Conv-4 parameter file"))
-    };
-    let (conv1, head) = (shape("conv1.weight")?, shape("head.weight")?);
-    if conv1.len() != 4 || head.len() != 2 {
-        bail!("{source}: conv1.weight {conv1:?} or head.weight {head:?} is not a Conv-4 layout");
-    }
-    let model = Conv4 { in_channels: conv1[1], image_size, channels: conv1[0], way: head[0] };
-    check_params(&model, tensors, source)?;
-    Ok(model)
-}
-
-/// Load Conv-4 parameters from a safetensors file, validated against `model`.
-pub fn load_params<B: Level>(
-    path: &Path,
-    model: &Conv4,
-    precision: Precision,
-    device: &Device<B>,
-) -> Result<Vec<Tensor<B>>> {
-    let tensors = read_safetensors(path)?;
-    check_params(model, &tensors, &path.display().to_string())?;
-    Ok(model
-        .parameter_shapes()
-        .iter()
-        .map(|(name, _)| tensors[name].to_tensor(precision, device))
-        .collect())
 }

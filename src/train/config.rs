@@ -7,6 +7,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 
+use crate::autodiff::backend::BackendKind;
+use crate::autodiff::tensor::Precision;
 use crate::data::EpisodeShape;
 use crate::data::dataset::{DatasetKind, DatasetSpec};
 use crate::hypergrad::{AdaptiveQ, InnerLoop, Mode, QRule};
@@ -19,10 +21,80 @@ pub struct RunConfig {
     pub name: String,
     /// Seeds the initial parameters, the episode stream and UFO's draws.
     pub seed: u64,
-    /// auto (wgpu when an adapter exists), cpu or wgpu.
-    pub backend: String,
+    /// auto (wgpu when an adapter exists), cpu, wgpu or cuda.
+    pub backend: BackendChoice,
     /// f32, or f64 on the cpu backend.
-    pub precision: String,
+    pub precision: Precision,
+}
+
+/// The backend a config asks for: a definite one, or the best available.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendChoice {
+    /// wgpu when an adapter exists, else cpu.
+    Auto,
+    Cpu,
+    Wgpu,
+    Cuda,
+}
+
+impl BackendChoice {
+    /// The backend asked for, None for auto.
+    pub fn kind(self) -> Option<BackendKind> {
+        match self {
+            BackendChoice::Auto => None,
+            BackendChoice::Cpu => Some(BackendKind::Cpu),
+            BackendChoice::Wgpu => Some(BackendKind::Wgpu),
+            BackendChoice::Cuda => Some(BackendKind::Cuda),
+        }
+    }
+}
+
+impl From<BackendKind> for BackendChoice {
+    fn from(kind: BackendKind) -> Self {
+        match kind {
+            BackendKind::Cpu => BackendChoice::Cpu,
+            BackendKind::Wgpu => BackendChoice::Wgpu,
+            BackendKind::Cuda => BackendChoice::Cuda,
+        }
+    }
+}
+
+/// Whether a meta-batch runs as one stacked network.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TaskBatching {
+    /// Stacked on the GPU, task by task on the CPU.
+    Auto,
+    On,
+    Off,
+}
+
+/// The `mode.name` of a config.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ModeName {
+    Maml,
+    MamlUnrolled,
+    Fomaml,
+    Ufo,
+    Implicit,
+}
+
+impl std::fmt::Display for ModeName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The name as configs spell it.
+        let spelled = serde_json::to_value(self).map_err(|_| std::fmt::Error)?;
+        f.write_str(spelled.as_str().unwrap_or_default())
+    }
+}
+
+/// How ufo's q is chosen.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum QRuleName {
+    Fixed,
+    Adaptive,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -70,7 +142,7 @@ pub struct TrainConfig {
     /// on: run the meta-batch as one stacked network (grouped convolutions);
     /// off: task by task; auto: stacked on the GPU, task by task on the CPU,
     /// where Flex's grouped convolution is slower than separate ones.
-    pub task_batching: String,
+    pub task_batching: TaskBatching,
     /// Divergence guard: a meta-iteration or validation whose query loss is
     /// above this many times the run's first meta-iteration loss (or not
     /// finite) stops training with an error, and no checkpoint is written
@@ -83,9 +155,9 @@ pub struct TrainConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct ModeConfig {
     /// maml, maml-unrolled, fomaml, ufo or implicit.
-    pub name: String,
+    pub name: ModeName,
     /// ufo: fixed (probability q) or adaptive (q from running moments, at least q_min).
-    pub q_rule: String,
+    pub q_rule: QRuleName,
     pub q: f64,
     pub q_min: f64,
     /// implicit: proximal regularisation strength.
@@ -131,7 +203,7 @@ pub struct Config {
 
 impl Default for RunConfig {
     fn default() -> Self {
-        RunConfig { name: "run".into(), seed: 0, backend: "auto".into(), precision: "f32".into() }
+        RunConfig { name: "run".into(), seed: 0, backend: BackendChoice::Auto, precision: Precision::F32 }
     }
 }
 
@@ -161,7 +233,7 @@ impl Default for TrainConfig {
             inner_lr: 0.4,
             grad_clip: 0.0,
             first_order_warmup: 0,
-            task_batching: "auto".into(),
+            task_batching: TaskBatching::Auto,
             divergence_factor: 1e4,
         }
     }
@@ -169,7 +241,7 @@ impl Default for TrainConfig {
 
 impl Default for ModeConfig {
     fn default() -> Self {
-        ModeConfig { name: "maml".into(), q_rule: "fixed".into(), q: 0.1, q_min: 0.05, lambda: 1.0, cg_steps: 5 }
+        ModeConfig { name: ModeName::Maml, q_rule: QRuleName::Fixed, q: 0.1, q_min: 0.05, lambda: 1.0, cg_steps: 5 }
     }
 }
 
@@ -230,17 +302,15 @@ impl Config {
 
     pub fn mode(&self) -> Result<Mode> {
         let m = &self.mode;
-        Ok(match m.name.as_str() {
-            "maml" => Mode::Maml,
-            "maml-unrolled" => Mode::MamlUnrolled,
-            "fomaml" => Mode::Fomaml,
-            "ufo" => match m.q_rule.as_str() {
-                "fixed" => Mode::Ufo(QRule::Fixed(m.q)),
-                "adaptive" => Mode::Ufo(QRule::Adaptive(AdaptiveQ::new(m.q_min))),
-                other => bail!("key `mode.q_rule`: '{other}' is not a q rule; expected fixed or adaptive"),
+        Ok(match m.name {
+            ModeName::Maml => Mode::Maml,
+            ModeName::MamlUnrolled => Mode::MamlUnrolled,
+            ModeName::Fomaml => Mode::Fomaml,
+            ModeName::Ufo => match m.q_rule {
+                QRuleName::Fixed => Mode::Ufo(QRule::Fixed(m.q)),
+                QRuleName::Adaptive => Mode::Ufo(QRule::Adaptive(AdaptiveQ::new(m.q_min))),
             },
-            "implicit" => Mode::Implicit { lambda: m.lambda, cg_steps: m.cg_steps },
-            other => bail!("key `mode.name`: unknown mode '{other}'; expected maml, maml-unrolled, fomaml, ufo or implicit"),
+            ModeName::Implicit => Mode::Implicit { lambda: m.lambda, cg_steps: m.cg_steps },
         })
     }
 
@@ -274,11 +344,11 @@ impl Config {
     }
 
     /// Whether training on `backend` stacks the meta-batch into one network.
-    pub fn task_batching(&self, backend: crate::autodiff::backend::BackendKind) -> bool {
-        match self.train.task_batching.as_str() {
-            "on" => true,
-            "off" => false,
-            _ => backend.is_gpu(),
+    pub fn task_batching(&self, backend: BackendKind) -> bool {
+        match self.train.task_batching {
+            TaskBatching::On => true,
+            TaskBatching::Off => false,
+            TaskBatching::Auto => backend.is_gpu(),
         }
     }
 
@@ -308,15 +378,6 @@ impl Config {
         if self.run.name.is_empty() || self.run.name.contains(['/', '\\']) || self.run.name.starts_with('.') {
             bail!("key `run.name` = '{}': use a plain folder name", self.run.name);
         }
-        if !["auto", "on", "off"].contains(&self.train.task_batching.as_str()) {
-            bail!("key `train.task_batching` = '{}': expected auto, on or off", self.train.task_batching);
-        }
-        if !["auto", "cpu", "wgpu", "cuda"].contains(&self.run.backend.as_str()) {
-            bail!("key `run.backend` = '{}': expected auto, cpu, wgpu or cuda", self.run.backend);
-        }
-        if !["f32", "f64"].contains(&self.run.precision.as_str()) {
-            bail!("key `run.precision` = '{}': expected f32 or f64", self.run.precision);
-        }
         Ok(())
     }
 
@@ -334,7 +395,7 @@ impl Config {
             ("data.rotations", a.data.rotations.to_string(), b.data.rotations.to_string()),
             ("data.split_seed", a.data.split_seed.to_string(), b.data.split_seed.to_string()),
             ("model.channels", a.model.channels.to_string(), b.model.channels.to_string()),
-            ("run.precision", a.run.precision.clone(), b.run.precision.clone()),
+            ("run.precision", a.run.precision.name().to_string(), b.run.precision.name().to_string()),
         ];
         keys.into_iter().filter(|(_, x, y)| x != y).collect()
     }

@@ -1,9 +1,13 @@
-//! Training: the trainer loop, evaluation, checkpoints, configuration and
-//! training curves.
+//! Training: the trainer loop, evaluation, checkpoints, configuration, the
+//! metrics log and training curves.
 
 pub mod checkpoint;
 pub mod config;
+pub mod evaluate;
+pub mod metrics;
 pub mod plot;
 pub mod trainer;
 
-pub use trainer::*;
+pub use evaluate::{EpisodeScore, EvalJob, EvalOutcome, evaluate};
+pub use metrics::{Metrics, StepTiming, Summary, read_metrics};
+pub use trainer::{Outcome, TrainJob, Trainer};

@@ -179,3 +179,48 @@ pub fn training_curves(metrics: &[crate::train::Metrics], title: &str, path: &Pa
     }
     save_png(path, rgb, (w, h))
 }
+
+/// One named series of an `xy_plot`.
+pub struct Series {
+    pub label: String,
+    pub points: Vec<(f64, f64)>,
+    /// Drawn as markers instead of a line.
+    pub markers: bool,
+}
+
+/// Several series of (x, y) on one pair of axes, as PNG, each in its own
+/// colour with a legend.
+pub fn xy_plot(series: &[Series], title: &str, (x_desc, y_desc): (&str, &str), path: &Path) -> Result<()> {
+    register_font();
+    let all: Vec<(f64, f64)> = series.iter().flat_map(|s| s.points.iter().copied()).filter(|p| p.0.is_finite() && p.1.is_finite()).collect();
+    anyhow::ensure!(!all.is_empty(), "nothing to plot");
+    let bounds = |f: fn(&(f64, f64)) -> f64| all.iter().map(f).fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), v| (a.min(v), b.max(v)));
+    let ((x0, x1), (y0, y1)) = (bounds(|p| p.0), bounds(|p| p.1));
+    let pad = ((y1 - y0) * 0.05).max(1e-6);
+    let (w, h) = (900u32, 560u32);
+    let mut rgb = vec![255u8; (w * h * 3) as usize];
+    {
+        let err = |e: &dyn std::fmt::Display| anyhow!("cannot draw the plot: {e}");
+        let root = BitMapBackend::with_buffer(&mut rgb, (w, h)).into_drawing_area();
+        let mut chart = ChartBuilder::on(&root)
+            .caption(title, (FONT, 18))
+            .margin(10)
+            .x_label_area_size(34)
+            .y_label_area_size(50)
+            .build_cartesian_2d(x0..x1, (y0 - pad)..(y1 + pad))
+            .map_err(|e| err(&e))?;
+        chart.configure_mesh().x_desc(x_desc).y_desc(y_desc).label_style((FONT, 12)).draw().map_err(|e| err(&e))?;
+        for (i, s) in series.iter().enumerate() {
+            let colour = Palette99::pick(i).to_rgba();
+            let drawn = if s.markers {
+                chart.draw_series(s.points.iter().map(|&p| Circle::new(p, 4, colour.filled()))).map_err(|e| err(&e))?
+            } else {
+                chart.draw_series(LineSeries::new(s.points.iter().copied(), colour.stroke_width(2))).map_err(|e| err(&e))?
+            };
+            drawn.label(s.label.as_str()).legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], colour.stroke_width(2)));
+        }
+        chart.configure_series_labels().background_style(WHITE.mix(0.8)).border_style(BLACK).label_font((FONT, 12)).draw().map_err(|e| err(&e))?;
+        root.present().map_err(|e| err(&e))?;
+    }
+    save_png(path, rgb, (w, h))
+}

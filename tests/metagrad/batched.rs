@@ -1,10 +1,12 @@
 //! The stacked meta-batch equals the task-by-task path, for every mode (f64).
 
-use metagrad::batched::{batched_hypergradient, conjugate_gradient_tasks, replicate, StackedLoss, TaskBatch, task_by_task_hypergradient, task_sum};
-use metagrad::data::episode::{Episode, LabelledImages};
-use metagrad::hypergrad::{AdaptiveQ, InnerLoop, Mode, QRule, conjugate_gradient, task_hypergradient};
-use metagrad::models::conv4::{BatchLoss, Conv4};
+use metagrad::autodiff::diff::{Objective, value_and_grad};
 use metagrad::autodiff::tensor::Tensor;
+use metagrad::data::Task;
+use metagrad::data::episode::{Episode, LabelledImages};
+use metagrad::hypergrad::stack::{replicate, task_sum};
+use metagrad::hypergrad::{AdaptiveQ, Batching, InnerLoop, MetaGradient, Mode, QRule, TaskLoss, TaskScores, conjugate_gradient, meta_gradient, task_hypergradient};
+use metagrad::models::{Conv4, FunctionalModel};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -22,6 +24,18 @@ fn episodes(tasks: usize, seed: u64) -> Vec<Episode> {
     (0..tasks).map(|_| Episode { way: 3, support: part(6), query: part(9) }).collect()
 }
 
+fn tasks(eps: &[Episode]) -> Vec<Task> {
+    eps.iter().map(Episode::task).collect()
+}
+
+/// A meta-batch's mean hypergradient and what it measured.
+fn meta(mode: &mut Mode, model: &Conv4, tasks: &[Task], theta: &[Tensor<Cpu>], inner: &InnerLoop, batching: Batching, rng: &mut ChaCha8Rng) -> (MetaGradient<Cpu>, TaskScores) {
+    let refs: Vec<&Task> = tasks.iter().collect();
+    let g = meta_gradient(mode, model, &refs, theta, inner, batching, rng);
+    let scores = g.read();
+    (g, scores)
+}
+
 fn close(a: &[Tensor<Cpu>], b: &[Tensor<Cpu>], what: &str) {
     // Relative to the largest entry over all parameters: some (conv biases
     // before batch norm) have gradients that are zero up to rounding.
@@ -36,12 +50,12 @@ fn close(a: &[Tensor<Cpu>], b: &[Tensor<Cpu>], what: &str) {
 fn one_by_one(mode: &mut Mode, eps: &[Episode], theta: &[Tensor<Cpu>], inner: &InnerLoop, rng: &mut ChaCha8Rng) -> (Vec<Tensor<Cpu>>, Vec<f64>, Vec<f64>) {
     let (mut sum, mut losses, mut accs) = (None::<Vec<Tensor<Cpu>>>, vec![], vec![]);
     for e in eps {
-        let r = task_hypergradient(mode, &MODEL, &e.to_task::<Cpu>(F64, &DEV), theta, inner, rng);
-        losses.push(r.hypergradient.query_loss);
-        accs.push(r.query_accuracy);
+        let (h, accuracy) = task_hypergradient(mode, &MODEL, &e.task(), theta, inner, rng);
+        losses.push(h.query_loss());
+        accs.push(accuracy.unwrap());
         sum = Some(match sum {
-            None => r.hypergradient.grad,
-            Some(s) => s.iter().zip(&r.hypergradient.grad).map(|(a, b)| a.add(b)).collect(),
+            None => h.grad,
+            Some(s) => s.iter().zip(&h.grad).map(|(a, b)| a.add(b)).collect(),
         });
     }
     (sum.unwrap().iter().map(|g| g.mul_scalar(1.0 / eps.len() as f64)).collect(), losses, accs)
@@ -50,23 +64,26 @@ fn one_by_one(mode: &mut Mode, eps: &[Episode], theta: &[Tensor<Cpu>], inner: &I
 #[test]
 fn stacked_forward_and_loss_equal_each_task_alone() {
     let eps = episodes(3, 1);
-    let thetas: Vec<Vec<Tensor<Cpu>>> = (0..3).map(|s| MODEL.init::<Cpu>(s, F64, &DEV)).collect();
+    let ts = tasks(&eps);
+    let thetas: Vec<Vec<Tensor<Cpu>>> = (0..3).map(|s| MODEL.init::<Cpu>(s, F64, &DEV).into_tensors()).collect();
     let stacked: Vec<Tensor<Cpu>> = (0..thetas[0].len()).map(|i| Tensor::cat(&thetas.iter().map(|t| t[i].clone()).collect::<Vec<_>>(), 0)).collect();
-    let refs: Vec<&Episode> = eps.iter().collect();
-    let batch = TaskBatch::<Cpu>::new(&refs, F64, &DEV);
-    let loss = metagrad::autodiff::diff::Objective::eval(&StackedLoss { model: &MODEL, batch: &batch.query }, &stacked).item();
-    let alone: f64 = eps
-        .iter()
-        .zip(&thetas)
-        .map(|(e, t)| metagrad::autodiff::diff::Objective::eval(&BatchLoss { model: &MODEL, batch: &e.to_task::<Cpu>(F64, &DEV).query }, t).item())
-        .sum();
-    assert!((loss - alone).abs() < 1e-12 * alone.abs(), "{loss} vs {alone}");
+    let queries: Vec<_> = ts.iter().map(|t| &t.query).collect();
+    let supports: Vec<_> = ts.iter().map(|t| &t.support).collect();
+    let query_loss = TaskLoss::<_, Cpu>::new(&MODEL, &queries, F64, &DEV);
+    let evaluation = query_loss.evaluate(&stacked);
+    let loss = evaluation.loss.item();
+    let alone: Vec<f64> = ts.iter().zip(&thetas).map(|(t, th)| TaskLoss::<_, Cpu>::single(&MODEL, &t.query, F64, &DEV).eval(th).item()).collect();
+    let total: f64 = alone.iter().sum();
+    assert!((loss - total).abs() < 1e-12 * total.abs(), "{loss} vs {total}");
+    // Each task's own loss from the stacked evaluation.
+    for (x, y) in query_loss.task_losses(&evaluation).to_vec().iter().zip(&alone) {
+        assert!((x - y).abs() < 1e-12 * y.abs(), "task loss {x} vs {y}");
+    }
     // The gradient of the sum splits into each task's own gradient.
-    let (_, g) = metagrad::autodiff::diff::value_and_grad(&StackedLoss { model: &MODEL, batch: &batch.support }, &replicate(&thetas[0], 3));
+    let (_, g) = value_and_grad(&TaskLoss::<_, Cpu>::new(&MODEL, &supports, F64, &DEV), &replicate(&thetas[0], 3));
     let mut per_task = vec![];
-    for e in &eps {
-        let task = e.to_task::<Cpu>(F64, &DEV);
-        per_task.push(metagrad::autodiff::diff::value_and_grad(&BatchLoss { model: &MODEL, batch: &task.support }, &thetas[0]).1);
+    for t in &ts {
+        per_task.push(value_and_grad(&TaskLoss::<_, Cpu>::single(&MODEL, &t.support, F64, &DEV), &thetas[0]).1);
     }
     let summed: Vec<Tensor<Cpu>> = (0..per_task[0].len()).map(|i| per_task.iter().map(|g| g[i].clone()).reduce(|a, b| a.add(&b)).unwrap()).collect();
     close(&task_sum(&g, 3), &summed, "gradient of the stacked loss");
@@ -75,7 +92,7 @@ fn stacked_forward_and_loss_equal_each_task_alone() {
 #[test]
 fn every_mode_equals_the_task_by_task_path() {
     let eps = episodes(4, 2);
-    let refs: Vec<&Episode> = eps.iter().collect();
+    let ts = tasks(&eps);
     let theta = MODEL.init::<Cpu>(7, F64, &DEV);
     let cases: Vec<(Mode, InnerLoop)> = vec![
         (Mode::Maml, InnerLoop { steps: 2, lr: 0.3 }),
@@ -87,12 +104,12 @@ fn every_mode_equals_the_task_by_task_path() {
     for (mode, inner) in cases {
         let (mut a, mut b) = (mode.clone(), mode.clone());
         let (want, losses, accs) = one_by_one(&mut a, &eps, &theta, &inner, &mut ChaCha8Rng::seed_from_u64(3));
-        let got = batched_hypergradient(&mut b, &MODEL, &refs, &theta, &inner, F64, &DEV, &mut ChaCha8Rng::seed_from_u64(3));
+        let (got, scores) = meta(&mut b, &MODEL, &ts, &theta, &inner, Batching::Stacked, &mut ChaCha8Rng::seed_from_u64(3));
         close(&got.grad, &want, mode.name());
-        for (x, y) in got.query_losses.iter().zip(&losses) {
+        for (x, y) in scores.losses.iter().zip(&losses) {
             assert!((x - y).abs() < 1e-10, "{}: query loss {x} vs {y}", mode.name());
         }
-        assert_eq!(got.query_accuracies, accs, "{}", mode.name());
+        assert_eq!(scores.accuracies.unwrap(), accs, "{}", mode.name());
         if let Mode::Ufo(_) = mode {
             // Same draws, task by task: some tasks exact, some not, with this seed.
             assert!(got.exact.iter().any(|&e| e) && got.exact.iter().any(|&e| !e), "{:?}", got.exact);
@@ -106,7 +123,7 @@ fn parallel_task_by_task_path_equals_the_stacked_one() {
     // meta-batch's start and an adaptive rule observes afterwards, exactly as
     // the stacked path does.
     let eps = episodes(5, 8);
-    let refs: Vec<&Episode> = eps.iter().collect();
+    let ts = tasks(&eps);
     let theta = MODEL.init::<Cpu>(2, F64, &DEV);
     let inner = InnerLoop { steps: 2, lr: 0.3 };
     let cases = vec![
@@ -118,13 +135,14 @@ fn parallel_task_by_task_path_equals_the_stacked_one() {
     ];
     for mode in cases {
         let (mut a, mut b) = (mode.clone(), mode.clone());
-        let got = task_by_task_hypergradient(&mut a, &MODEL, &refs, &theta, &inner, F64, &DEV, &mut ChaCha8Rng::seed_from_u64(9));
-        let want = batched_hypergradient(&mut b, &MODEL, &refs, &theta, &inner, F64, &DEV, &mut ChaCha8Rng::seed_from_u64(9));
+        let (got, got_scores) = meta(&mut a, &MODEL, &ts, &theta, &inner, Batching::TaskByTask, &mut ChaCha8Rng::seed_from_u64(9));
+        let (want, want_scores) = meta(&mut b, &MODEL, &ts, &theta, &inner, Batching::Stacked, &mut ChaCha8Rng::seed_from_u64(9));
         close(&got.grad, &want.grad, mode.name());
-        for (x, y) in got.query_losses.iter().zip(&want.query_losses) {
+        for (x, y) in got_scores.losses.iter().zip(&want_scores.losses) {
             assert!((x - y).abs() < 1e-10, "{}: query loss {x} vs {y}", mode.name());
         }
-        assert_eq!(got.query_accuracies, want.query_accuracies, "{}", mode.name());
+        assert_eq!(got_scores.accuracies, want_scores.accuracies, "{}", mode.name());
+        assert!((got_scores.grad_norm - want_scores.grad_norm).abs() < 1e-10 * want_scores.grad_norm, "{}: gradient norm", mode.name());
         assert_eq!((got.q, &got.exact), (want.q, &want.exact), "{}", mode.name());
         if let (Mode::Ufo(QRule::Adaptive(x)), Mode::Ufo(QRule::Adaptive(y))) = (&a, &b) {
             assert!(x.samples > 0 && x.samples == y.samples, "{} vs {} exact samples", x.samples, y.samples);
@@ -136,18 +154,18 @@ fn parallel_task_by_task_path_equals_the_stacked_one() {
 #[test]
 fn adaptive_ufo_observes_every_exact_task() {
     let eps = episodes(5, 4);
-    let refs: Vec<&Episode> = eps.iter().collect();
+    let ts = tasks(&eps);
     let theta = MODEL.init::<Cpu>(1, F64, &DEV);
     let inner = InnerLoop { steps: 2, lr: 0.3 };
     let mut mode = Mode::Ufo(QRule::Adaptive(AdaptiveQ::new(0.6)));
-    let got = batched_hypergradient(&mut mode, &MODEL, &refs, &theta, &inner, F64, &DEV, &mut ChaCha8Rng::seed_from_u64(5));
+    let (got, _) = meta(&mut mode, &MODEL, &ts, &theta, &inner, Batching::Stacked, &mut ChaCha8Rng::seed_from_u64(5));
     // The same observations made from each exact task's own fomaml and maml gradients.
     let mut expected = AdaptiveQ::new(0.6);
     for (e, &exact) in eps.iter().zip(&got.exact) {
         if exact {
-            let task = e.to_task::<Cpu>(F64, &DEV);
-            let fo = task_hypergradient(&mut Mode::Fomaml, &MODEL, &task, &theta, &inner, &mut ChaCha8Rng::seed_from_u64(0)).hypergradient.grad;
-            let ex = task_hypergradient(&mut Mode::Maml, &MODEL, &task, &theta, &inner, &mut ChaCha8Rng::seed_from_u64(0)).hypergradient.grad;
+            let task = e.task();
+            let fo = task_hypergradient(&mut Mode::Fomaml, &MODEL, &task, &theta, &inner, &mut ChaCha8Rng::seed_from_u64(0)).0.grad;
+            let ex = task_hypergradient(&mut Mode::Maml, &MODEL, &task, &theta, &inner, &mut ChaCha8Rng::seed_from_u64(0)).0.grad;
             let d: Vec<Tensor<Cpu>> = ex.iter().zip(&fo).map(|(m, f)| m.sub(f)).collect();
             expected.observe(metagrad::autodiff::diff::dot_all(&d, &d), metagrad::autodiff::diff::dot_all(&ex, &ex));
         }
@@ -161,20 +179,20 @@ fn adaptive_ufo_observes_every_exact_task() {
 #[test]
 fn block_conjugate_gradient_equals_each_task_alone() {
     let eps = episodes(3, 6);
-    let refs: Vec<&Episode> = eps.iter().collect();
+    let ts = tasks(&eps);
     let theta = MODEL.init::<Cpu>(2, F64, &DEV);
-    let batch = TaskBatch::<Cpu>::new(&refs, F64, &DEV);
-    let support = StackedLoss { model: &MODEL, batch: &batch.support };
+    let supports: Vec<_> = ts.iter().map(|t| &t.support).collect();
+    let queries: Vec<_> = ts.iter().map(|t| &t.query).collect();
+    let support = TaskLoss::<_, Cpu>::new(&MODEL, &supports, F64, &DEV);
     let phi = replicate(&theta, 3);
-    let (_, b) = metagrad::autodiff::diff::value_and_grad(&StackedLoss { model: &MODEL, batch: &batch.query }, &phi);
+    let (_, b) = value_and_grad(&TaskLoss::<_, Cpu>::new(&MODEL, &queries, F64, &DEV), &phi);
     // Few steps (each task stops at its own point) and many (every task converges or stops on curvature).
     for steps in [2, 12] {
-        let x = conjugate_gradient_tasks(&support, &phi, &b, 0.5, steps, 3);
+        let x = conjugate_gradient(&support, &phi, &b, 0.5, steps);
         let mut alone = vec![];
-        for e in &eps {
-            let task = e.to_task::<Cpu>(F64, &DEV);
-            let s = BatchLoss { model: &MODEL, batch: &task.support };
-            let (_, bq) = metagrad::autodiff::diff::value_and_grad(&BatchLoss { model: &MODEL, batch: &task.query }, &theta);
+        for t in &ts {
+            let s = TaskLoss::<_, Cpu>::single(&MODEL, &t.support, F64, &DEV);
+            let (_, bq) = value_and_grad(&TaskLoss::<_, Cpu>::single(&MODEL, &t.query, F64, &DEV), &theta);
             alone.push(conjugate_gradient(&s, &theta, &bq, 0.5, steps));
         }
         let stacked: Vec<Tensor<Cpu>> = (0..alone[0].len()).map(|i| Tensor::cat(&alone.iter().map(|a| a[i].clone()).collect::<Vec<_>>(), 0)).collect();
@@ -194,7 +212,7 @@ fn native_kernels_give_the_reference_hypergradient_for_every_mode() {
         labels: (0..n).map(|i| i % 3).collect(),
     };
     let eps: Vec<Episode> = (0..3).map(|_| Episode { way: 3, support: part(3), query: part(6) }).collect();
-    let refs: Vec<&Episode> = eps.iter().collect();
+    let ts = tasks(&eps);
     let theta = WIDE.init::<Cpu>(5, F64, &DEV);
     let cases: Vec<(Mode, InnerLoop)> = vec![
         (Mode::Maml, InnerLoop { steps: 2, lr: 0.3 }),
@@ -207,17 +225,13 @@ fn native_kernels_give_the_reference_hypergradient_for_every_mode() {
             let run = || {
                 let mut m = mode.clone();
                 let mut rng = ChaCha8Rng::seed_from_u64(4);
-                if stacked {
-                    batched_hypergradient(&mut m, &WIDE, &refs, &theta, &inner, F64, &DEV, &mut rng)
-                } else {
-                    task_by_task_hypergradient(&mut m, &WIDE, &refs, &theta, &inner, F64, &DEV, &mut rng)
-                }
+                meta(&mut m, &WIDE, &ts, &theta, &inner, if stacked { Batching::Stacked } else { Batching::TaskByTask }, &mut rng)
             };
-            let native = run();
-            let reference = metagrad::autodiff::kernels::with_reference_ops(run);
+            let (native, native_scores) = run();
+            let (reference, reference_scores) = metagrad::autodiff::kernels::with_reference_ops(run);
             let what = format!("{} ({})", mode.name(), if stacked { "stacked" } else { "task by task" });
             close(&native.grad, &reference.grad, &what);
-            for (x, y) in native.query_losses.iter().zip(&reference.query_losses) {
+            for (x, y) in native_scores.losses.iter().zip(&reference_scores.losses) {
                 assert!((x - y).abs() < 1e-10, "{what}: query loss {x} vs {y}");
             }
         }

@@ -4,7 +4,8 @@ use burn::backend::Flex;
 use metagrad::bench::random_batch;
 use metagrad::autodiff::diff::{Objective, backward, dot_all, hvp, lift};
 use metagrad::hypergrad::*;
-use metagrad::models::conv4::{BatchLoss, Conv4};
+use metagrad::data::Task;
+use metagrad::models::{Conv4, FunctionalModel};
 use metagrad::autodiff::tensor::Tensor;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -15,15 +16,15 @@ fn tiny() -> Conv4 {
     Conv4 { channels: 4, ..Conv4::omniglot(5) }
 }
 
-fn task(model: &Conv4, support: usize, query: usize, seed: u64) -> (Vec<Tensor<Flex>>, Task<Flex>) {
-    let theta = model.init::<Flex>(seed, F64, &DEV);
-    let task = Task { support: random_batch(model, support, seed + 1, F64, &DEV), query: random_batch(model, query, seed + 2, F64, &DEV) };
+fn task(model: &Conv4, support: usize, query: usize, seed: u64) -> (Vec<Tensor<Flex>>, Task) {
+    let theta = model.init::<Flex>(seed, F64, &DEV).into_tensors();
+    let task = Task { support: random_batch(model, support, seed + 1), query: random_batch(model, query, seed + 2) };
     (theta, task)
 }
 
 /// The support and query losses of a task.
-fn losses<'a>(model: &'a Conv4, task: &'a Task<Flex>) -> (BatchLoss<'a, Flex>, BatchLoss<'a, Flex>) {
-    (BatchLoss { model, batch: &task.support }, BatchLoss { model, batch: &task.query })
+fn losses<'a>(model: &'a Conv4, task: &'a Task) -> (TaskLoss<'a, Conv4, Flex>, TaskLoss<'a, Conv4, Flex>) {
+    (TaskLoss::single(model, &task.support, F64, &DEV), TaskLoss::single(model, &task.query, F64, &DEV))
 }
 
 #[test]
@@ -37,7 +38,7 @@ fn maml_unrolled_equals_maml_sweep_on_both_dataset_shapes() {
             let b = maml(&s, &q, &theta, &inner);
             let err = relative_error(&flatten(&b.grad), &flatten(&a.grad));
             assert!(err < 1e-9, "{}×{} r={steps}: unrolled and sweep differ by {err:.2e}", model.image_size, model.image_size);
-            assert!((a.query_loss - b.query_loss).abs() < 1e-12);
+            assert!((a.query_loss() - b.query_loss()).abs() < 1e-12);
         }
     }
 }
@@ -86,7 +87,7 @@ fn ufo_with_q_one_is_maml() {
     let mut rng = ChaCha8Rng::seed_from_u64(0);
     for _ in 0..3 {
         let u = ufo(&s, &q, &theta, &inner, &mut rule, &mut rng);
-        assert_eq!(u.exact_branch, Some(true));
+        assert_eq!(u.exact_branch(), Some(true));
         let err = relative_error(&flatten(&u.grad), &flatten(&maml(&s, &q, &theta, &inner).grad));
         assert!(err < 1e-12, "ufo(q=1) differs from maml by {err:.2e}");
     }
@@ -168,7 +169,7 @@ fn adaptive_ufo_updates_its_state_on_exact_samples_only() {
     let mut rng = ChaCha8Rng::seed_from_u64(3);
     let mut exact = 0;
     for _ in 0..8 {
-        exact += usize::from(ufo(&s, &q, &theta, &inner, &mut rule, &mut rng).exact_branch == Some(true));
+        exact += usize::from(ufo(&s, &q, &theta, &inner, &mut rule, &mut rng).exact_branch() == Some(true));
     }
     let QRule::Adaptive(state) = &rule else { unreachable!() };
     assert_eq!(state.samples as usize, exact);
@@ -251,7 +252,7 @@ struct Softmax<'a> {
 
 impl Objective<Flex> for Softmax<'_> {
     fn eval<B: metagrad::autodiff::tensor::Level<Base = Flex>>(&self, p: &[Tensor<B>]) -> Tensor<B> {
-        let logits = metagrad::models::conv4::linear(&Tensor::from_base(self.features), &p[0], &p[1]);
+        let logits = metagrad::models::linear(&Tensor::from_base(self.features), &p[0], &p[1]);
         logits.cross_entropy(&Tensor::from_base(self.one_hot))
     }
 }

@@ -7,7 +7,9 @@ use burn::backend::Flex;
 use metagrad::bench::random_batch;
 use metagrad::autodiff::diff::{Objective, dot_all, hvp, lift, value_and_grad};
 use metagrad::hypergrad::{InnerLoop, fomaml, maml, maml_unrolled, meta_loss};
-use metagrad::models::conv4::{Batch, BatchLoss, Conv4};
+use metagrad::data::Examples;
+use metagrad::hypergrad::TaskLoss;
+use metagrad::models::{Conv4, FunctionalModel};
 use metagrad::autodiff::tensor::Tensor;
 
 use crate::common::*;
@@ -18,9 +20,13 @@ fn small_omniglot() -> Conv4 {
     Conv4 { channels: 8, ..Conv4::omniglot(5) }
 }
 
-fn task(model: &Conv4, support: usize, query: usize, seed: u64) -> (Vec<Tensor<Flex>>, Batch<Flex>, Batch<Flex>) {
-    let theta = model.init::<Flex>(seed, F64, &DEV);
-    (theta, random_batch(model, support, seed + 1, F64, &DEV), random_batch(model, query, seed + 2, F64, &DEV))
+fn task(model: &Conv4, support: usize, query: usize, seed: u64) -> (Vec<Tensor<Flex>>, Examples, Examples) {
+    let theta = model.init::<Flex>(seed, F64, &DEV).into_tensors();
+    (theta, random_batch(model, support, seed + 1), random_batch(model, query, seed + 2))
+}
+
+fn batch_loss<'a>(model: &'a Conv4, examples: &'a Examples) -> TaskLoss<'a, Conv4, Flex> {
+    TaskLoss::single(model, examples, F64, &DEV)
 }
 
 #[test]
@@ -44,7 +50,7 @@ fn parameter_names_and_shapes_are_pytorchs() {
 fn forward_gives_logits_per_image_for_both_dataset_shapes() {
     for model in [Conv4::omniglot(5), Conv4::mini_imagenet(5)] {
         let (theta, support, _) = task(&model, 5, 1, 1);
-        let logits = model.forward(&theta, &support.images);
+        let logits = model.forward(&theta, &model.inputs::<Flex>(&support, F64, &DEV), 1);
         assert_eq!(logits.dims(), vec![5, 5]);
         assert!(logits.to_vec().iter().all(|v| v.is_finite()));
     }
@@ -54,7 +60,7 @@ fn forward_gives_logits_per_image_for_both_dataset_shapes() {
 fn whole_model_gradient_at_outer_level_equals_single_level_gradient() {
     let model = Conv4::omniglot(5);
     let (theta, support, _) = task(&model, 5, 1, 2);
-    let loss = BatchLoss { model: &model, batch: &support };
+    let loss = batch_loss(&model, &support);
     let (value, single) = value_and_grad(&loss, &theta);
     let (nested_value, nested) = value_and_grad(&loss, &lift(&theta));
     let nested: Vec<Tensor<Flex>> = nested.iter().map(|g| g.to_base()).collect();
@@ -68,7 +74,7 @@ fn whole_model_gradient_at_outer_level_equals_single_level_gradient() {
 fn whole_model_gradient_matches_finite_differences() {
     let model = small_omniglot();
     let (theta, support, _) = task(&model, 5, 1, 3);
-    let loss = BatchLoss { model: &model, batch: &support };
+    let loss = batch_loss(&model, &support);
     let (_, grad) = value_and_grad(&loss, &theta);
     let gnorm = norm(&flatten(&grad));
     let mut r = rng(30);
@@ -84,7 +90,7 @@ fn whole_model_gradient_matches_finite_differences() {
 fn model_hessian_vector_products_match_finite_differences_and_are_symmetric() {
     let model = small_omniglot();
     let (theta, support, _) = task(&model, 5, 1, 4);
-    let loss = BatchLoss { model: &model, batch: &support };
+    let loss = batch_loss(&model, &support);
     let mut r = rng(40);
     let u = random_unit_direction(&mut r, &theta);
     let v = random_unit_direction(&mut r, &theta);
@@ -100,7 +106,7 @@ fn model_hessian_vector_products_match_finite_differences_and_are_symmetric() {
 fn full_width_omniglot_hvp_matches_finite_differences() {
     let model = Conv4::omniglot(5);
     let (theta, support, _) = task(&model, 5, 1, 5);
-    let loss = BatchLoss { model: &model, batch: &support };
+    let loss = batch_loss(&model, &support);
     let v = random_unit_direction(&mut rng(50), &theta);
     let (_, _, hv) = hvp(&loss, &theta, &v);
     let err = relative_error(&flatten(&hv), &fd_hvp(&loss, &theta, &v));
@@ -113,8 +119,8 @@ fn full_width_omniglot_hvp_matches_finite_differences() {
 fn maml_meta_gradients_match_finite_differences_of_the_meta_loss() {
     let model = small_omniglot();
     let (theta, support, query) = task(&model, 5, 10, 6);
-    let s = BatchLoss { model: &model, batch: &support };
-    let q = BatchLoss { model: &model, batch: &query };
+    let s = batch_loss(&model, &support);
+    let q = batch_loss(&model, &query);
     for steps in [1, 2] {
         let inner = InnerLoop { steps, lr: 0.4 };
         let unrolled = maml_unrolled(&s, &q, &theta, &inner).grad;

@@ -6,7 +6,8 @@
 use burn::backend::ops::IntTensorOps;
 use burn::backend::{TensorData, Flex};
 use metagrad::autodiff::diff::{Objective, dot_all, hvp, value_and_grad};
-use metagrad::models::conv4::{BATCH_NORM_EPS, linear};
+use metagrad::models::conv4::BATCH_NORM_EPS;
+use metagrad::models::linear;
 use metagrad::autodiff::kernels::{self, reference};
 use metagrad::autodiff::tensor::{Level, Tensor, one_hot};
 use burn::backend::tensor::FloatTensor;

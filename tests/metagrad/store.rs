@@ -4,8 +4,9 @@
 use std::collections::BTreeMap;
 
 use burn::backend::Flex;
-use metagrad::models::conv4::Conv4;
-use metagrad::data::store::{HostTensor, Values, load_params, read_safetensors, save_params, write_safetensors};
+use metagrad::data::store::{HostTensor, Values, read_safetensors, write_safetensors};
+use metagrad::models::params::{load_params, save_params};
+use metagrad::models::{Conv4, FunctionalModel};
 use metagrad::autodiff::tensor::Precision;
 
 use crate::common::*;
@@ -44,7 +45,7 @@ fn error_of(model: &Conv4, tensors: Vec<(String, HostTensor)>, name: &str) -> St
 }
 
 fn host_params(model: &Conv4) -> Vec<(String, HostTensor)> {
-    metagrad::data::store::params_to_host(model, &model.init::<Flex>(0, Precision::F32, &DEV))
+    model.init::<Flex>(0, Precision::F32, &DEV).to_host()
 }
 
 #[test]

@@ -6,10 +6,11 @@ use burn::backend::wgpu::CubeBackend;
 use metagrad::autodiff::backend::{wgpu_adapters, wgpu_device};
 use metagrad::bench::random_batch;
 use metagrad::autodiff::diff::{hvp, value_and_grad};
-use metagrad::hypergrad::{InnerLoop, Mode, QRule, Task, task_hypergradient};
+use metagrad::data::Task;
+use metagrad::hypergrad::{InnerLoop, Mode, QRule, TaskLoss, task_hypergradient};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
-use metagrad::models::conv4::{BatchLoss, Conv4};
+use metagrad::models::{Conv4, FunctionalModel};
 use metagrad::data::store::HostTensor;
 use metagrad::autodiff::tensor::{Precision, Tensor};
 
@@ -58,25 +59,22 @@ fn wgpu_f32_derivatives_agree_with_flex_f64() {
     let model = Conv4 { channels: 16, ..Conv4::omniglot(5) };
     let theta64 = model.init::<Flex>(1, F64, &DEV);
     let theta32 = model.init::<CubeBackend>(1, Precision::F32, &device);
-    let b64 = random_batch(&model, 5, 2, F64, &DEV);
-    let b32 = random_batch(&model, 5, 2, Precision::F32, &device);
+    let support = random_batch(&model, 5, 2);
+    let (s64, s32) = (TaskLoss::single(&model, &support, F64, &DEV), TaskLoss::single(&model, &support, Precision::F32, &device));
     let v64 = random_unit_direction(&mut rng(3), &theta64);
     let v32: Vec<Tensor<CubeBackend>> = v64.iter().map(|d| HostTensor::from_tensor(d).to_tensor(Precision::F32, &device)).collect();
-    let (l64, g64) = value_and_grad(&BatchLoss { model: &model, batch: &b64 }, &theta64);
-    let (l32, g32) = value_and_grad(&BatchLoss { model: &model, batch: &b32 }, &theta32);
+    let (l64, g64) = value_and_grad(&s64, &theta64);
+    let (l32, g32) = value_and_grad(&s32, &theta32);
     assert!((l64.item() - l32.item()).abs() < 1e-4 * l64.item().abs(), "loss {} vs {}", l32.item(), l64.item());
     let eg = relative_error(&host(&g32), &host(&g64));
     assert!(eg < 1e-4, "Conv-4 gradient on wgpu off by {eg:.2e}");
-    let (_, _, h64) = hvp(&BatchLoss { model: &model, batch: &b64 }, &theta64, &v64);
-    let (_, _, h32) = hvp(&BatchLoss { model: &model, batch: &b32 }, &theta32, &v32);
+    let (_, _, h64) = hvp(&s64, &theta64, &v64);
+    let (_, _, h32) = hvp(&s32, &theta32, &v32);
     let eh = relative_error(&host(&h32), &host(&h64));
     assert!(eh < 1e-3, "Conv-4 Hessian-vector product on wgpu off by {eh:.2e}");
 
     // One smoke test per hypergradient mode: wgpu f32 against Flex f64.
-    let q64 = random_batch(&model, 5, 4, F64, &DEV);
-    let q32 = random_batch(&model, 5, 4, Precision::F32, &device);
-    let task64 = Task { support: b64, query: q64 };
-    let task32 = Task { support: b32, query: q32 };
+    let task = Task { support: support.clone(), query: random_batch(&model, 5, 4) };
     let inner = InnerLoop { steps: 2, lr: 0.1 };
     let modes = [
         Mode::Maml,
@@ -88,11 +86,11 @@ fn wgpu_f32_derivatives_agree_with_flex_f64() {
     let mut failures = Vec::new();
     for mode in modes {
         // The same seed gives the same Bernoulli draws on both backends (they are drawn on the host).
-        let r64 = task_hypergradient(&mut mode.clone(), &model, &task64, &theta64, &inner, &mut ChaCha8Rng::seed_from_u64(5));
-        let r32 = task_hypergradient(&mut mode.clone(), &model, &task32, &theta32, &inner, &mut ChaCha8Rng::seed_from_u64(5));
-        let err = relative_error(&host(&r32.hypergradient.grad), &host(&r64.hypergradient.grad));
-        let loss_err = (r32.hypergradient.query_loss - r64.hypergradient.query_loss).abs();
-        if !(err < 1e-3 && loss_err < 1e-4 && r32.hypergradient.exact_branch == r64.hypergradient.exact_branch) {
+        let (r64, _) = task_hypergradient(&mut mode.clone(), &model, &task, &theta64, &inner, &mut ChaCha8Rng::seed_from_u64(5));
+        let (r32, _) = task_hypergradient(&mut mode.clone(), &model, &task, &theta32, &inner, &mut ChaCha8Rng::seed_from_u64(5));
+        let err = relative_error(&host(&r32.grad), &host(&r64.grad));
+        let loss_err = (r32.query_loss() - r64.query_loss()).abs();
+        if !(err < 1e-3 && loss_err < 1e-4 && r32.exact_branch() == r64.exact_branch()) {
             failures.push(format!("{}: hypergradient error {err:.2e}, query-loss error {loss_err:.2e}", mode.name()));
         }
     }

@@ -1,0 +1,40 @@
+//! Hypergradients: the outer gradient of a task's query loss after inner-loop
+//! adaptation, by one of four modes, each written once over a stack of T
+//! tasks (one task is T = 1). The mode dispatch is `estimate`, here only.
+//!
+//! θ are the meta-parameters, L_s and L_q a task's support and query losses.
+//! The inner loop is r steps of gradient descent with step α:
+//! φ_0 = θ, φ_{j+1} = φ_j − α ∇L_s(φ_j); the meta-loss is L_q(φ_r), and H_j
+//! is the Hessian of L_s at φ_j.
+//!
+//! - `maml`: g = (I − αH_0)…(I − αH_{r−1}) ∇L_q(φ_r), exact. Computed by a
+//!   backward sweep over the stored fast weights (one Hessian-vector product
+//!   per step, memory flat in r) or, for checking, by differentiating the
+//!   unrolled graph (`maml-unrolled`).
+//! - `fomaml`: g = ∇L_q(φ_r).
+//! - `ufo`: per task ξ ~ Bernoulli(q), g = g_fo + (ξ/q)(g_maml − g_fo), so
+//!   E[g] = g_maml; q fixed or adapted to minimise cost × second moment.
+//! - `implicit` (iMAML): φ minimises L_s(φ) + (λ/2)‖φ − θ‖² approximately (r
+//!   steps from θ), and g solves (I + H_s(φ)/λ) g = ∇L_q(φ) by K steps of
+//!   conjugate gradient.
+
+pub mod fomaml;
+pub mod implicit;
+pub mod inner;
+pub mod maml;
+pub mod meta_batch;
+pub mod mode;
+pub mod result;
+pub mod stack;
+pub mod task;
+pub mod ufo;
+
+pub use fomaml::fomaml;
+pub use implicit::{conjugate_gradient, implicit};
+pub use inner::{InnerLoop, adapt, adapted, axpy, meta_loss, proximal_adapt, sgd_step};
+pub use maml::{maml, maml_unrolled};
+pub use meta_batch::{Batching, MetaGradient, TaskScores, meta_gradient, task_hypergradient};
+pub use mode::{Mode, estimate, hypergradient};
+pub use result::{Hypergradient, UfoDraws};
+pub use task::{SelectTasks, TaskLoss};
+pub use ufo::{AdaptiveQ, QRule, ufo, ufo_mean};

@@ -1,0 +1,115 @@
+//! The modes, their settings and checks, and the one dispatch from a mode
+//! to its estimator.
+
+use anyhow::{Result, bail};
+use rand::Rng;
+use serde::{Deserialize, Serialize};
+
+use crate::autodiff::diff::Objective;
+use crate::autodiff::tensor::{BaseBackend, Tensor};
+use crate::hypergrad::fomaml::fomaml;
+use crate::hypergrad::implicit::implicit;
+use crate::hypergrad::inner::InnerLoop;
+use crate::hypergrad::maml::{maml, maml_unrolled};
+use crate::hypergrad::result::{Hypergradient, UfoDraws};
+use crate::hypergrad::task::SelectTasks;
+use crate::hypergrad::ufo::{self, QRule};
+
+/// A hypergradient mode and its own settings.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Mode {
+    /// Exact, by the backward sweep (training uses this).
+    Maml,
+    /// Exact, by differentiating the unrolled inner loop (memory grows with r).
+    MamlUnrolled,
+    Fomaml,
+    Ufo(QRule),
+    Implicit { lambda: f64, cg_steps: usize },
+}
+
+impl Mode {
+    pub const NAMES: &'static str = "maml, maml-unrolled, fomaml, ufo, ufo-adaptive, implicit";
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            Mode::Maml => "maml",
+            Mode::MamlUnrolled => "maml-unrolled",
+            Mode::Fomaml => "fomaml",
+            Mode::Ufo(_) => "ufo",
+            Mode::Implicit { .. } => "implicit",
+        }
+    }
+
+    /// Check the mode's settings and the inner loop it runs with; errors name
+    /// the value and the allowed range.
+    pub fn validate(&self, inner: &InnerLoop) -> Result<()> {
+        if inner.steps == 0 {
+            bail!("inner steps = 0: mode {} adapts on the support set and needs at least 1 inner step", self.name());
+        }
+        if !(inner.lr.is_finite() && inner.lr > 0.0) {
+            bail!("inner learning rate = {}: it must be a finite number > 0", inner.lr);
+        }
+        match self {
+            Mode::Ufo(QRule::Fixed(q)) if !(*q > 0.0 && *q <= 1.0) => {
+                bail!("q = {q}: the exact-branch probability must be in (0, 1]")
+            }
+            Mode::Ufo(QRule::Adaptive(a)) if !(a.q_min > 0.0 && a.q_min <= 1.0) => {
+                bail!("q_min = {}: the smallest exact-branch probability must be in (0, 1]", a.q_min)
+            }
+            Mode::Implicit { lambda, .. } if !(lambda.is_finite() && *lambda > 0.0) => {
+                bail!("lambda = {lambda}: the proximal regularisation strength must be > 0")
+            }
+            Mode::Implicit { cg_steps: 0, .. } => bail!("cg steps = 0: implicit needs at least 1 conjugate-gradient step"),
+            _ => Ok(()),
+        }
+    }
+}
+
+impl Mode {
+    /// ufo's draws for `tasks` tasks with the rule's current q; None for other modes.
+    pub fn draw(&self, tasks: usize, inner: &InnerLoop, rng: &mut impl Rng) -> Option<UfoDraws> {
+        match self {
+            Mode::Ufo(rule) => Some(UfoDraws::draw(rule.q(inner.steps), tasks, rng)),
+            _ => None,
+        }
+    }
+
+    /// An adaptive ufo rule takes in the exact tasks' (D², V²), in task order.
+    pub fn observe(&mut self, observations: &[(f64, f64)]) {
+        if let Mode::Ufo(rule) = self {
+            rule.observe_all(observations);
+        }
+    }
+}
+
+/// Any mode on a stack of tasks: the one dispatch from a mode to its
+/// estimator. ufo's draws are made beforehand (`Mode::draw`), so nothing is
+/// mutated and stacks can run in parallel.
+pub fn estimate<Base, S, Q>(mode: &Mode, support: &S, query: &Q, theta: &[Tensor<Base>], inner: &InnerLoop, draws: Option<&UfoDraws>) -> Hypergradient<Base>
+where
+    Base: BaseBackend,
+    S: Objective<Base> + SelectTasks,
+    Q: Objective<Base>,
+{
+    match mode {
+        Mode::Maml => maml(support, query, theta, inner),
+        Mode::MamlUnrolled => maml_unrolled(support, query, theta, inner),
+        Mode::Fomaml => fomaml(support, query, theta, inner),
+        Mode::Ufo(_) => ufo::ufo_drawn(support, query, theta, inner, draws.expect("ufo: the Bernoulli draws are made before the tasks run")),
+        Mode::Implicit { lambda, cg_steps } => implicit(support, query, theta, inner, *lambda, *cg_steps),
+    }
+}
+
+/// Any mode on a stack of tasks, drawing ufo's branches from `rng` and
+/// letting an adaptive rule observe the exact ones.
+pub fn hypergradient<Base, S, Q>(mode: &mut Mode, support: &S, query: &Q, theta: &[Tensor<Base>], inner: &InnerLoop, rng: &mut impl Rng) -> Hypergradient<Base>
+where
+    Base: BaseBackend,
+    S: Objective<Base> + SelectTasks,
+    Q: Objective<Base>,
+{
+    let draws = mode.draw(support.tasks(), inner, rng);
+    let h = estimate(mode, support, query, theta, inner, draws.as_ref());
+    mode.observe(&h.observations);
+    h
+}

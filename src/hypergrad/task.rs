@@ -1,0 +1,129 @@
+//! A model's loss on the support or query examples of T tasks at once.
+//!
+//! The tasks' inputs are laid out for the model's stacked forward, their
+//! targets stacked task by task, and the loss is the sum of the per-task mean
+//! losses: one reverse pass (and one Hessian-vector product per inner step)
+//! then yields every task's gradient, since the Hessian of a sum of
+//! independent tasks is block-diagonal. One task is the case T = 1.
+
+use burn::backend::tensor::Device;
+
+use crate::autodiff::diff::{Evaluation, Objective};
+use crate::autodiff::tensor::{BaseBackend, Level, Precision, Tensor};
+use crate::data::task::{Examples, Targets};
+use crate::models::FunctionalModel;
+
+/// An objective over stacked tasks that can be narrowed to some of them.
+pub trait SelectTasks: Sized {
+    /// The same objective over the `chosen` tasks only, in that order.
+    fn select(&self, chosen: &[usize]) -> Self;
+}
+
+/// Σ_t (mean loss of task t on its examples): cross-entropy for class
+/// targets, squared error for values.
+pub struct TaskLoss<'a, M, Base: Level> {
+    model: &'a M,
+    parts: Vec<&'a Examples>,
+    inputs: Tensor<Base>,
+    /// One-hot rows or target values, [T·n, outputs], task by task.
+    targets: Tensor<Base>,
+    classes: bool,
+}
+
+impl<'a, M: FunctionalModel, Base: BaseBackend> TaskLoss<'a, M, Base> {
+    /// The loss over `parts`, one batch of examples per task, all of one size.
+    pub fn new(model: &'a M, parts: &[&'a Examples], precision: Precision, device: &Device<Base>) -> Self {
+        let n = parts[0].len();
+        assert!(parts.iter().all(|p| p.dims == parts[0].dims), "stacked tasks need examples of one shape and number");
+        let width = parts[0].targets.width();
+        assert_eq!(width, model.outputs(), "targets of width {width} for {} with {} outputs", model.describe(), model.outputs());
+        let inputs: Vec<&[f32]> = parts.iter().map(|p| p.inputs.as_slice()).collect();
+        let (values, dims) = model.stack_inputs(&inputs, n);
+        let targets: Vec<f64> = parts.iter().flat_map(|p| p.targets.to_rows()).collect();
+        TaskLoss {
+            model,
+            parts: parts.to_vec(),
+            inputs: Tensor::from_f64(&values, &dims, precision, device),
+            targets: Tensor::from_f64(&targets, &[parts.len() * n, width], precision, device),
+            classes: matches!(parts[0].targets, Targets::Classes { .. }),
+        }
+    }
+
+    /// The loss on one task's examples.
+    pub fn single(model: &'a M, examples: &'a Examples, precision: Precision, device: &Device<Base>) -> Self {
+        TaskLoss::new(model, &[examples], precision, device)
+    }
+
+    pub fn examples(&self) -> &[&'a Examples] {
+        &self.parts
+    }
+
+    /// Each task's mean loss [T] from an evaluation of this objective (the
+    /// evaluated loss itself for one task).
+    pub fn task_losses(&self, evaluation: &Evaluation<Base>) -> Tensor<Base> {
+        let tasks = self.parts.len();
+        if tasks == 1 {
+            return evaluation.loss.reshape(&[1]);
+        }
+        let output = evaluation.output.as_ref().expect("a task loss evaluation carries its outputs");
+        let per_row = output.dims()[1];
+        let n = self.parts[0].len();
+        let per_task = |t: Tensor<Base>| t.reshape(&[tasks, n * per_row]).sum_dim(1).reshape(&[tasks]);
+        if self.classes {
+            per_task(output.log_softmax().mul(&self.targets)).mul_scalar(-1.0 / n as f64)
+        } else {
+            per_task(output.sub(&self.targets).square()).mul_scalar(1.0 / (n * per_row) as f64)
+        }
+    }
+}
+
+impl<M: FunctionalModel, Base: BaseBackend> Objective<Base> for TaskLoss<'_, M, Base> {
+    fn eval<B: Level<Base = Base>>(&self, params: &[Tensor<B>]) -> Tensor<B> {
+        self.evaluate(params).loss
+    }
+
+    fn evaluate<B: Level<Base = Base>>(&self, params: &[Tensor<B>]) -> Evaluation<B> {
+        let tasks = self.parts.len();
+        let output = self.model.forward(params, &Tensor::from_base(&self.inputs), tasks);
+        let targets = Tensor::from_base(&self.targets);
+        let mean = if self.classes {
+            output.cross_entropy(&targets)
+        } else {
+            let d = output.dims();
+            output.sub(&targets).square().sum().mul_scalar(1.0 / (d[0] * d[1]) as f64)
+        };
+        // The mean over all T·n rows, times T: the sum of the per-task means.
+        let loss = if tasks == 1 { mean } else { mean.mul_scalar(tasks as f64) };
+        Evaluation { loss, output: Some(output) }
+    }
+
+    fn tasks(&self) -> usize {
+        self.parts.len()
+    }
+}
+
+impl<M: FunctionalModel, Base: BaseBackend> SelectTasks for TaskLoss<'_, M, Base> {
+    fn select(&self, chosen: &[usize]) -> Self {
+        let parts: Vec<&Examples> = chosen.iter().map(|&t| self.parts[t]).collect();
+        TaskLoss::new(self.model, &parts, self.inputs.precision(), &self.inputs.device())
+    }
+}
+
+/// Fraction of rows whose largest output is at the label.
+pub fn accuracy<B: Level>(logits: &Tensor<B>, labels: &[usize]) -> f64 {
+    accuracy_of_rows(&logits.to_vec(), logits.dims()[1], labels)
+}
+
+/// `accuracy` on host logits: row-major rows of `classes` values, one per label.
+pub fn accuracy_of_rows(values: &[f64], classes: usize, labels: &[usize]) -> f64 {
+    let correct = labels
+        .iter()
+        .enumerate()
+        .filter(|&(row, &label)| {
+            let r = &values[row * classes..(row + 1) * classes];
+            let best = (0..classes).max_by(|&a, &b| r[a].total_cmp(&r[b])).unwrap_or(0);
+            best == label
+        })
+        .count();
+    correct as f64 / labels.len().max(1) as f64
+}
