@@ -125,6 +125,16 @@ impl<B: Level> Level for Autodiff<B> {
     }
 }
 
+thread_local! {
+    static HOST_READS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// Reads from the device to the host made on this thread so far: each one
+/// waits for the device, so a training step should make as few as it can.
+pub fn host_reads() -> usize {
+    HOST_READS.with(|n| n.get())
+}
+
 /// A float tensor of backend level `B`.
 pub struct Tensor<B: Backend>(pub FloatTensor<B>);
 
@@ -194,6 +204,7 @@ impl<B: Level> Tensor<B> {
 
     /// The values, read back to the host (waits for the device).
     pub fn to_data(&self) -> TensorData {
+        HOST_READS.with(|n| n.set(n.get() + 1));
         let data = burn::tensor::try_read_sync(B::float_into_data(self.0.clone()))
             .expect("synchronous read-back is supported on native targets");
         data.unwrap_or_else(|e| panic!("reading a tensor back from the device failed: {e:?}"))

@@ -18,6 +18,7 @@
 //!   steps from θ), and g solves (I + H_s(φ)/λ) g = ∇L_q(φ) by K steps of
 //!   conjugate gradient.
 
+pub mod files;
 pub mod fomaml;
 pub mod implicit;
 pub mod inner;

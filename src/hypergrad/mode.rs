@@ -69,7 +69,7 @@ impl Mode {
     /// ufo's draws for `tasks` tasks with the rule's current q; None for other modes.
     pub fn draw(&self, tasks: usize, inner: &InnerLoop, rng: &mut impl Rng) -> Option<UfoDraws> {
         match self {
-            Mode::Ufo(rule) => Some(UfoDraws::draw(rule.q(inner.steps), tasks, rng)),
+            Mode::Ufo(rule) => Some(UfoDraws::draw(rule.q(inner.steps), tasks, matches!(rule, QRule::Adaptive(_)), rng)),
             _ => None,
         }
     }

@@ -11,16 +11,19 @@ use crate::autodiff::tensor::{BaseBackend, Tensor};
 pub struct UfoDraws {
     pub q: f64,
     pub exact: Vec<bool>,
+    /// Measure each exact task's (D², V²) for an adaptive rule (a read
+    /// from the device that a fixed q does not need).
+    pub observe: bool,
 }
 
 impl UfoDraws {
-    pub fn draw(q: f64, tasks: usize, rng: &mut impl Rng) -> Self {
-        UfoDraws { q, exact: (0..tasks).map(|_| rng.random::<f64>() < q).collect() }
+    pub fn draw(q: f64, tasks: usize, observe: bool, rng: &mut impl Rng) -> Self {
+        UfoDraws { q, exact: (0..tasks).map(|_| rng.random::<f64>() < q).collect(), observe }
     }
 
     /// The draws of tasks start..start+len.
     pub fn slice(&self, start: usize, len: usize) -> Self {
-        UfoDraws { q: self.q, exact: self.exact[start..start + len].to_vec() }
+        UfoDraws { q: self.q, exact: self.exact[start..start + len].to_vec(), observe: self.observe }
     }
 }
 

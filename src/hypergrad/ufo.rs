@@ -101,13 +101,13 @@ where
     S: Objective<Base> + SelectTasks,
     Q: Objective<Base>,
 {
-    let mut h = ufo_weighted(support, query, theta, inner, &draws.exact, 1.0 / draws.q);
+    let mut h = ufo_weighted(support, query, theta, inner, &draws.exact, 1.0 / draws.q, draws.observe);
     h.q = Some(draws.q);
     h
 }
 
 /// g_fo + w·(g_maml − g_fo) for the tasks marked `exact`, g_fo for the others.
-fn ufo_weighted<Base, S, Q>(support: &S, query: &Q, theta: &[Tensor<Base>], inner: &InnerLoop, exact: &[bool], weight: f64) -> Hypergradient<Base>
+fn ufo_weighted<Base, S, Q>(support: &S, query: &Q, theta: &[Tensor<Base>], inner: &InnerLoop, exact: &[bool], weight: f64, observe: bool) -> Hypergradient<Base>
 where
     Base: BaseBackend,
     S: Objective<Base> + SelectTasks,
@@ -122,13 +122,13 @@ where
     let (grad, observations) = if chosen.is_empty() {
         (g_fo, vec![])
     } else if chosen.len() == tasks {
-        let (correction, observations) = exact_correction(support, &iterates, &g_fo, inner.lr);
+        let (correction, observations) = exact_correction(support, &iterates, &g_fo, inner.lr, observe);
         (axpy(&g_fo, weight, &correction), observations)
     } else {
         // The sweep over the chosen tasks' support sets and stored iterates only.
         let chosen_iterates: Vec<Vec<Tensor<Base>>> = iterates.iter().map(|phi_j| select_tasks(phi_j, tasks, &chosen)).collect();
         let g_fo_chosen = select_tasks(&g_fo, tasks, &chosen);
-        let (correction, observations) = exact_correction(&support.select(&chosen), &chosen_iterates, &g_fo_chosen, inner.lr);
+        let (correction, observations) = exact_correction(&support.select(&chosen), &chosen_iterates, &g_fo_chosen, inner.lr, observe);
         (axpy(&g_fo, weight, &place_tasks(&correction, tasks, &chosen)), observations)
     };
     let mut h = Hypergradient::new(grad, evaluation, phi_r);
@@ -137,15 +137,14 @@ where
     h
 }
 
-/// g_maml − g_fo by MAML's sweep from g_fo, and per task (D², V²) =
-/// (‖g_maml − g_fo‖², ‖g_maml‖²).
-fn exact_correction<Base: BaseBackend, S: Objective<Base>>(support: &S, iterates: &[Vec<Tensor<Base>>], g_fo: &[Tensor<Base>], lr: f64) -> (Vec<Tensor<Base>>, Vec<(f64, f64)>) {
+/// g_maml − g_fo by MAML's sweep from g_fo, and when `observe`, per task
+/// (D², V²) = (‖g_maml − g_fo‖², ‖g_maml‖²).
+fn exact_correction<Base: BaseBackend, S: Objective<Base>>(support: &S, iterates: &[Vec<Tensor<Base>>], g_fo: &[Tensor<Base>], lr: f64, observe: bool) -> (Vec<Tensor<Base>>, Vec<(f64, f64)>) {
     let tasks = support.tasks();
     let g_maml = sweep(support, iterates, g_fo.to_vec(), lr);
     let correction: Vec<Tensor<Base>> = g_maml.iter().zip(g_fo).map(|(m, f)| m.sub(f)).collect();
-    let d2 = task_dots(&correction, &correction, tasks);
-    let v2 = task_dots(&g_maml, &g_maml, tasks);
-    (correction, d2.into_iter().zip(v2).collect())
+    let observations = if observe { task_dots(&correction, &correction, tasks).into_iter().zip(task_dots(&g_maml, &g_maml, tasks)).collect() } else { vec![] };
+    (correction, observations)
 }
 
 /// One UFO estimate on one task: draw, estimate, and let an adaptive rule
@@ -156,7 +155,7 @@ where
     S: Objective<Base> + SelectTasks,
     Q: Objective<Base>,
 {
-    let draws = UfoDraws::draw(rule.q(inner.steps), support.tasks(), rng);
+    let draws = UfoDraws::draw(rule.q(inner.steps), support.tasks(), matches!(rule, QRule::Adaptive(_)), rng);
     let h = ufo_drawn(support, query, theta, inner, &draws);
     rule.observe_all(&h.observations);
     h
@@ -173,7 +172,7 @@ where
     Q: Objective<Base>,
 {
     let exact_draws = (0..samples).filter(|_| rng.random::<f64>() < q).count();
-    let mut h = ufo_weighted(support, query, theta, inner, &[exact_draws > 0], exact_draws as f64 / (samples as f64 * q));
+    let mut h = ufo_weighted(support, query, theta, inner, &[exact_draws > 0], exact_draws as f64 / (samples as f64 * q), false);
     h.q = Some(q);
     (h, exact_draws)
 }

@@ -6,8 +6,10 @@ pub mod config;
 pub mod evaluate;
 pub mod metrics;
 pub mod plot;
+pub mod resume;
 pub mod trainer;
 
 pub use evaluate::{EpisodeScore, EvalJob, EvalOutcome, evaluate};
 pub use metrics::{Metrics, StepTiming, Summary, read_metrics};
+pub use resume::{RunRequest, default_config, prepare_run};
 pub use trainer::{Outcome, TrainJob, Trainer};
