@@ -39,6 +39,8 @@ pub struct EpisodeHypergradientReport {
     pub query_accuracy: f64,
     /// Fixed-q ufo: how many of the samples took the exact branch.
     pub exact_draws: Option<usize>,
+    /// The implicit modes: what the linear solve met, described.
+    pub curvature: Option<String>,
 }
 
 impl OnBackend for EpisodeHypergradient {
@@ -60,8 +62,9 @@ impl OnBackend for EpisodeHypergradient {
         let logits = h.query.output.as_ref().expect("a task loss evaluation carries its outputs");
         let query_accuracy = accuracy(logits, &episode.query.labels);
         let query_loss = h.query_loss();
+        let curvature = h.curvature.zip(mode.proximal_lambda()).map(|(c, lambda)| c.describe(lambda));
         let mut tensors = theta.with_tensors(h.grad).to_host();
         tensors.push(("query_loss".to_string(), HostTensor::from_tensor(&Tensor::<B>::from_f64(&[query_loss], &[1], precision, &device))));
-        Ok(EpisodeHypergradientReport { tensors, query_loss, query_accuracy, exact_draws })
+        Ok(EpisodeHypergradientReport { tensors, query_loss, query_accuracy, exact_draws, curvature })
     }
 }

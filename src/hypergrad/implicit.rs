@@ -1,18 +1,42 @@
-//! iMAML: φ minimises L_s(φ) + (λ/2)‖φ − θ‖² approximately (r steps from θ),
-//! and g solves (I + H_s(φ)/λ) g = ∇L_q(φ) by K steps of conjugate gradient,
-//! one block per stacked task.
+//! Implicit differentiation of the proximal inner problem (iMAML, AID): φ
+//! minimises L_s(φ) + (λ/2)‖φ − θ‖² approximately (r steps from θ), and g
+//! solves (I + H_s(φ)/λ) g = ∇L_q(φ), one block per stacked task, by a linear
+//! solver given as an argument: K steps of conjugate gradient (`implicit`),
+//! or a truncated Neumann series (`neumann`, `fixed-point`; neumann.rs).
 
 use crate::autodiff::diff::{Objective, evaluate_and_grad, hvp};
 use crate::autodiff::tensor::{BaseBackend, Tensor};
-use crate::hypergrad::result::Hypergradient;
+use crate::hypergrad::neumann::neumann_series;
+use crate::hypergrad::result::{CurvatureWarning, Hypergradient};
 use crate::hypergrad::inner::{InnerLoop, axpy, proximal_adapt};
 use crate::hypergrad::stack::{scale_tasks, task_dots};
 
+/// How the linear system (I + H/λ) g = ∇L_q is solved.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum LinearSolver {
+    /// K steps of conjugate gradient from 0.
+    ConjugateGradient { steps: usize },
+    /// K terms of the Neumann series with step η.
+    Neumann { steps: usize, lr: f64 },
+}
+
+/// iMAML with conjugate gradient.
 pub fn implicit<Base: BaseBackend, S: Objective<Base>, Q: Objective<Base>>(support: &S, query: &Q, theta: &[Tensor<Base>], inner: &InnerLoop, lambda: f64, cg_steps: usize) -> Hypergradient<Base> {
+    implicit_with(support, query, theta, inner, lambda, LinearSolver::ConjugateGradient { steps: cg_steps })
+}
+
+/// Proximal adaptation, then the linear system by `solver`; the result says
+/// when the solver met non-positive curvature.
+pub fn implicit_with<Base: BaseBackend, S: Objective<Base>, Q: Objective<Base>>(support: &S, query: &Q, theta: &[Tensor<Base>], inner: &InnerLoop, lambda: f64, solver: LinearSolver) -> Hypergradient<Base> {
     let phi = proximal_adapt(support, theta, inner, lambda);
     let (evaluation, g_query) = evaluate_and_grad(query, &phi);
-    let grad = conjugate_gradient(support, &phi, &g_query, lambda, cg_steps);
-    Hypergradient::new(grad, evaluation, phi)
+    let (grad, curvature) = match solver {
+        LinearSolver::ConjugateGradient { steps } => conjugate_gradient_checked(support, &phi, &g_query, lambda, steps),
+        LinearSolver::Neumann { steps, lr } => neumann_series(support, &phi, &g_query, lambda, steps, lr),
+    };
+    let mut h = Hypergradient::new(grad, evaluation, phi);
+    h.curvature = curvature;
+    h
 }
 
 /// K steps of conjugate gradient from 0 on (I + H/λ) x = b, H the Hessian of
@@ -22,6 +46,11 @@ pub fn implicit<Base: BaseBackend, S: Objective<Base>, Q: Objective<Base>>(suppo
 /// convergence, and on non-positive curvature with its best solution so far
 /// rather than diverge.
 pub fn conjugate_gradient<Base: BaseBackend, S: Objective<Base>>(support: &S, phi: &[Tensor<Base>], b: &[Tensor<Base>], lambda: f64, steps: usize) -> Vec<Tensor<Base>> {
+    conjugate_gradient_checked(support, phi, b, lambda, steps).0
+}
+
+/// `conjugate_gradient`, and a warning when a task met non-positive curvature.
+pub fn conjugate_gradient_checked<Base: BaseBackend, S: Objective<Base>>(support: &S, phi: &[Tensor<Base>], b: &[Tensor<Base>], lambda: f64, steps: usize) -> (Vec<Tensor<Base>>, Option<CurvatureWarning>) {
     let tasks = support.tasks();
     let apply = |v: &[Tensor<Base>]| -> Vec<Tensor<Base>> {
         let (_, _, hv) = hvp(support, phi, v);
@@ -33,15 +62,22 @@ pub fn conjugate_gradient<Base: BaseBackend, S: Objective<Base>>(support: &S, ph
     let mut rs = task_dots(&residual, &residual, tasks);
     let stop: Vec<f64> = rs.iter().map(|r| r * 1e-24).collect();
     let mut done: Vec<bool> = rs.iter().zip(&stop).map(|(r, s)| *r <= *s || *r == 0.0).collect();
+    let mut warning = CurvatureWarning::default();
     for _ in 0..steps {
         if done.iter().all(|&d| d) {
             break;
         }
         let a_dir = apply(&direction);
         let curvature = task_dots(&direction, &a_dir, tasks);
-        for t in 0..tasks {
-            // Not positive definite along this direction: keep the solution so far.
-            done[t] |= curvature[t] <= 0.0;
+        if (0..tasks).any(|t| !done[t] && curvature[t] <= 0.0) {
+            // Not positive definite along this direction: keep the solution so far, and say so.
+            let squared = task_dots(&direction, &direction, tasks);
+            for t in 0..tasks {
+                if !done[t] && curvature[t] <= 0.0 {
+                    warning.observe(lambda, curvature[t], squared[t]);
+                    done[t] = true;
+                }
+            }
         }
         let alpha: Vec<f64> = (0..tasks).map(|t| if done[t] { 0.0 } else { rs[t] / curvature[t] }).collect();
         x = x.iter().zip(scale_tasks(&direction, &alpha)).map(|(a, d)| a.add(&d)).collect();
@@ -56,5 +92,5 @@ pub fn conjugate_gradient<Base: BaseBackend, S: Objective<Base>>(support: &S, ph
             }
         }
     }
-    x
+    (x, warning.found())
 }

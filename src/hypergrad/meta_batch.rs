@@ -14,7 +14,7 @@ use crate::autodiff::tensor::{BaseBackend, Tensor};
 use crate::data::task::Task;
 use crate::hypergrad::inner::{InnerLoop, axpy};
 use crate::hypergrad::mode::{Mode, estimate};
-use crate::hypergrad::result::{Hypergradient, UfoDraws};
+use crate::hypergrad::result::{CurvatureWarning, Hypergradient, UfoDraws};
 use crate::hypergrad::stack::{replicate, task_sum};
 use crate::hypergrad::task::{TaskLoss, accuracy, accuracy_of_rows};
 use crate::models::FunctionalModel;
@@ -36,6 +36,8 @@ pub struct MetaGradient<Base: BaseBackend> {
     /// ufo: the q the draws used, and which tasks took the exact branch.
     pub q: Option<f64>,
     pub exact: Vec<bool>,
+    /// The implicit modes: tasks whose linear solve met non-positive curvature.
+    pub curvature: Option<CurvatureWarning>,
     /// [T] query losses and [T·n, outputs] query outputs after adaptation.
     task_losses: Tensor<Base>,
     outputs: Tensor<Base>,
@@ -129,7 +131,7 @@ fn stacked<M: FunctionalModel, Base: BaseBackend>(mode: &Mode, model: &M, tasks:
     let (h, task_losses) = h;
     let grad = task_sum(&h.grad, count).iter().map(|g| g.mul_scalar(1.0 / count as f64)).collect();
     let outputs = h.query.output.expect("a task loss evaluation carries its outputs");
-    (MetaGradient { grad, q: h.q, exact: h.exact, task_losses, outputs, labels: query_labels(tasks) }, h.observations)
+    (MetaGradient { grad, q: h.q, exact: h.exact, curvature: h.curvature, task_losses, outputs, labels: query_labels(tasks) }, h.observations)
 }
 
 fn task_by_task<M: FunctionalModel, Base: BaseBackend>(mode: &Mode, model: &M, tasks: &[&Task], theta: &[Tensor<Base>], inner: &InnerLoop, draws: Option<UfoDraws>) -> (MetaGradient<Base>, Vec<(f64, f64)>) {
@@ -141,8 +143,9 @@ fn task_by_task<M: FunctionalModel, Base: BaseBackend>(mode: &Mode, model: &M, t
         })
     });
     let mut sum: Option<Vec<Tensor<Base>>> = None;
-    let (mut task_losses, mut outputs, mut exact, mut observations) = (vec![], vec![], vec![], vec![]);
+    let (mut task_losses, mut outputs, mut exact, mut observations, mut curvature) = (vec![], vec![], vec![], vec![], None);
     for h in results {
+        curvature = CurvatureWarning::merge(curvature, h.curvature);
         task_losses.push(h.query.loss.reshape(&[1]));
         outputs.push(h.query.output.expect("a task loss evaluation carries its outputs"));
         exact.extend(h.exact);
@@ -157,6 +160,7 @@ fn task_by_task<M: FunctionalModel, Base: BaseBackend>(mode: &Mode, model: &M, t
         grad,
         q: draws.map(|d| d.q),
         exact,
+        curvature,
         task_losses: Tensor::cat(&task_losses, 0),
         outputs: Tensor::cat(&outputs, 0),
         labels: query_labels(tasks),

@@ -17,6 +17,8 @@
 //! - `implicit` (iMAML): φ minimises L_s(φ) + (λ/2)‖φ − θ‖² approximately (r
 //!   steps from θ), and g solves (I + H_s(φ)/λ) g = ∇L_q(φ) by K steps of
 //!   conjugate gradient.
+//! - `neumann` (AID-NS, as in stocBiO) and `fixed-point` (AID-FP): the same
+//!   system by a truncated Neumann series, with step η or with η = αλ.
 
 pub mod files;
 pub mod fomaml;
@@ -25,17 +27,18 @@ pub mod inner;
 pub mod maml;
 pub mod meta_batch;
 pub mod mode;
+pub mod neumann;
 pub mod result;
 pub mod stack;
 pub mod task;
 pub mod ufo;
 
 pub use fomaml::fomaml;
-pub use implicit::{conjugate_gradient, implicit};
+pub use implicit::{LinearSolver, conjugate_gradient, implicit, implicit_with};
 pub use inner::{InnerLoop, adapt, adapted, axpy, meta_loss, proximal_adapt, sgd_step};
 pub use maml::{maml, maml_unrolled};
 pub use meta_batch::{Batching, MetaGradient, TaskScores, meta_gradient, task_hypergradient};
 pub use mode::{Mode, estimate, hypergradient};
-pub use result::{Hypergradient, UfoDraws};
+pub use result::{CurvatureWarning, Hypergradient, UfoDraws};
 pub use task::{SelectTasks, TaskLoss};
 pub use ufo::{AdaptiveQ, QRule, ufo, ufo_mean};

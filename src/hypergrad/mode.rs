@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use crate::autodiff::diff::Objective;
 use crate::autodiff::tensor::{BaseBackend, Tensor};
 use crate::hypergrad::fomaml::fomaml;
-use crate::hypergrad::implicit::implicit;
+use crate::hypergrad::implicit::{LinearSolver, implicit, implicit_with};
 use crate::hypergrad::inner::InnerLoop;
 use crate::hypergrad::maml::{maml, maml_unrolled};
 use crate::hypergrad::result::{Hypergradient, UfoDraws};
@@ -24,11 +24,16 @@ pub enum Mode {
     MamlUnrolled,
     Fomaml,
     Ufo(QRule),
+    /// iMAML: the proximal problem's linear system by conjugate gradient.
     Implicit { lambda: f64, cg_steps: usize },
+    /// The same system by `steps` terms of the Neumann series with step `lr` (η).
+    Neumann { lambda: f64, steps: usize, lr: f64 },
+    /// AID-FP: the Neumann series with η = αλ (α the inner step).
+    FixedPoint { lambda: f64, steps: usize },
 }
 
 impl Mode {
-    pub const NAMES: &'static str = "maml, maml-unrolled, fomaml, ufo, ufo-adaptive, implicit";
+    pub const NAMES: &'static str = "maml, maml-unrolled, fomaml, ufo, ufo-adaptive, implicit, neumann, fixed-point";
 
     pub fn name(&self) -> &'static str {
         match self {
@@ -37,6 +42,17 @@ impl Mode {
             Mode::Fomaml => "fomaml",
             Mode::Ufo(_) => "ufo",
             Mode::Implicit { .. } => "implicit",
+            Mode::Neumann { .. } => "neumann",
+            Mode::FixedPoint { .. } => "fixed-point",
+        }
+    }
+
+    /// λ of the proximal inner problem, for the implicit-differentiation modes
+    /// (which adapt by it at test time too).
+    pub fn proximal_lambda(&self) -> Option<f64> {
+        match self {
+            Mode::Implicit { lambda, .. } | Mode::Neumann { lambda, .. } | Mode::FixedPoint { lambda, .. } => Some(*lambda),
+            _ => None,
         }
     }
 
@@ -56,10 +72,14 @@ impl Mode {
             Mode::Ufo(QRule::Adaptive(a)) if !(a.q_min > 0.0 && a.q_min <= 1.0) => {
                 bail!("q_min = {}: the smallest exact-branch probability must be in (0, 1]", a.q_min)
             }
-            Mode::Implicit { lambda, .. } if !(lambda.is_finite() && *lambda > 0.0) => {
-                bail!("lambda = {lambda}: the proximal regularisation strength must be > 0")
+            _ if self.proximal_lambda().is_some_and(|l| !(l.is_finite() && l > 0.0)) => {
+                bail!("lambda = {}: the proximal regularisation strength must be > 0", self.proximal_lambda().unwrap_or_default())
             }
             Mode::Implicit { cg_steps: 0, .. } => bail!("cg steps = 0: implicit needs at least 1 conjugate-gradient step"),
+            Mode::Neumann { steps: 0, .. } | Mode::FixedPoint { steps: 0, .. } => {
+                bail!("neumann steps = 0: {} needs at least 1 term of the series", self.name())
+            }
+            Mode::Neumann { lr, .. } if !(lr.is_finite() && *lr > 0.0) => bail!("neumann lr = {lr}: the series step η must be a finite number > 0"),
             _ => Ok(()),
         }
     }
@@ -97,6 +117,10 @@ where
         Mode::Fomaml => fomaml(support, query, theta, inner),
         Mode::Ufo(_) => ufo::ufo_drawn(support, query, theta, inner, draws.expect("ufo: the Bernoulli draws are made before the tasks run")),
         Mode::Implicit { lambda, cg_steps } => implicit(support, query, theta, inner, *lambda, *cg_steps),
+        Mode::Neumann { lambda, steps, lr } => implicit_with(support, query, theta, inner, *lambda, LinearSolver::Neumann { steps: *steps, lr: *lr }),
+        Mode::FixedPoint { lambda, steps } => {
+            implicit_with(support, query, theta, inner, *lambda, LinearSolver::Neumann { steps: *steps, lr: inner.lr * lambda })
+        }
     }
 }
 

@@ -31,15 +31,29 @@ pub fn task_sum<B: Level>(stacked: &[Tensor<B>], tasks: usize) -> Vec<Tensor<B>>
 /// ⟨a_t, b_t⟩ for every task t: per-parameter sums on the device, read back
 /// in one transfer and added on the host in f64.
 pub fn task_dots<B: Level>(a: &[Tensor<B>], b: &[Tensor<B>], tasks: usize) -> Vec<f64> {
-    let partial: Vec<Tensor<B>> = a.iter().zip(b).map(|(x, y)| rows(&x.mul(y), tasks).sum_dim(1).reshape(&[tasks])).collect();
+    task_dots_many(&[(a, b)], tasks).pop().expect("one pair")
+}
+
+/// `task_dots` of several pairs of lists, all in one read from the device.
+pub fn task_dots_many<B: Level>(pairs: &[(&[Tensor<B>], &[Tensor<B>])], tasks: usize) -> Vec<Vec<f64>> {
+    let partial: Vec<Tensor<B>> = pairs
+        .iter()
+        .flat_map(|(a, b)| a.iter().zip(*b).map(|(x, y)| rows(&x.mul(y), tasks).sum_dim(1).reshape(&[tasks])))
+        .collect();
     let values = Tensor::cat(&partial, 0).to_vec();
-    let mut out = vec![0.0; tasks];
-    for chunk in values.chunks(tasks) {
-        for (o, v) in out.iter_mut().zip(chunk) {
-            *o += v;
-        }
-    }
-    out
+    let mut chunks = values.chunks(tasks);
+    pairs
+        .iter()
+        .map(|(a, _)| {
+            let mut out = vec![0.0; tasks];
+            for chunk in chunks.by_ref().take(a.len()) {
+                for (o, v) in out.iter_mut().zip(chunk) {
+                    *o += v;
+                }
+            }
+            out
+        })
+        .collect()
 }
 
 /// Block t multiplied by weights[t].

@@ -56,7 +56,7 @@ impl<M: FunctionalModel, B: BaseBackend> MetaLearner<M, B> {
     }
 
     /// Fast weights for a task: the inner loop on its support examples from
-    /// θ (the proximal problem for `implicit`, as it was trained with).
+    /// θ (the proximal problem for the implicit modes, as they train with).
     pub fn adapt(&self, support: &Examples) -> Params<B> {
         self.adapt_with(support, &self.inner)
     }
@@ -65,9 +65,9 @@ impl<M: FunctionalModel, B: BaseBackend> MetaLearner<M, B> {
     pub fn adapt_with(&self, support: &Examples, inner: &InnerLoop) -> Params<B> {
         let theta = self.params.tensors();
         let loss = TaskLoss::single(&self.model, support, theta[0].precision(), &theta[0].device());
-        let fast = match self.mode {
-            Mode::Implicit { lambda, .. } => proximal_adapt(&loss, theta, inner, lambda),
-            _ => adapted(&loss, theta, inner),
+        let fast = match self.mode.proximal_lambda() {
+            Some(lambda) => proximal_adapt(&loss, theta, inner, lambda),
+            None => adapted(&loss, theta, inner),
         };
         self.params.with_tensors(fast)
     }

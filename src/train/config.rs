@@ -79,6 +79,8 @@ pub enum ModeName {
     Fomaml,
     Ufo,
     Implicit,
+    Neumann,
+    FixedPoint,
 }
 
 impl std::fmt::Display for ModeName {
@@ -164,6 +166,11 @@ pub struct ModeConfig {
     pub lambda: f64,
     /// implicit: conjugate-gradient steps.
     pub cg_steps: usize,
+    /// neumann and fixed-point: terms of the Neumann series (one
+    /// Hessian-vector product each).
+    pub neumann_steps: usize,
+    /// neumann: the series' step η (fixed-point uses η = train.inner_lr · lambda).
+    pub neumann_lr: f64,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -241,7 +248,7 @@ impl Default for TrainConfig {
 
 impl Default for ModeConfig {
     fn default() -> Self {
-        ModeConfig { name: ModeName::Maml, q_rule: QRuleName::Fixed, q: 0.1, q_min: 0.05, lambda: 1.0, cg_steps: 5 }
+        ModeConfig { name: ModeName::Maml, q_rule: QRuleName::Fixed, q: 0.1, q_min: 0.05, lambda: 1.0, cg_steps: 5, neumann_steps: 10, neumann_lr: 0.4 }
     }
 }
 
@@ -311,6 +318,8 @@ impl Config {
                 QRuleName::Adaptive => Mode::Ufo(QRule::Adaptive(AdaptiveQ::new(m.q_min))),
             },
             ModeName::Implicit => Mode::Implicit { lambda: m.lambda, cg_steps: m.cg_steps },
+            ModeName::Neumann => Mode::Neumann { lambda: m.lambda, steps: m.neumann_steps, lr: m.neumann_lr },
+            ModeName::FixedPoint => Mode::FixedPoint { lambda: m.lambda, steps: m.neumann_steps },
         })
     }
 

@@ -21,6 +21,10 @@ pub struct Metrics {
     pub q: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub exact_fraction: Option<f64>,
+    /// The implicit modes, when some task's linear solve met non-positive
+    /// curvature: the λ above which I + H/λ is positive along what was met.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub curvature_lambda: Option<f64>,
     /// Wall-clock seconds of training so far (differs between runs, unlike the rest).
     pub elapsed_s: f64,
 }

@@ -23,6 +23,7 @@ use crate::data::episode::Episode;
 use crate::data::store::write_atomic;
 use crate::data::{BackgroundSampler, EpisodeSampler, EpisodeShape, Split, Task};
 use crate::hypergrad::meta_batch::{Batching, TaskScores};
+use crate::hypergrad::result::CurvatureWarning;
 use crate::learner::MetaLearner;
 use crate::models::{Conv4, FunctionalModel, Params};
 use crate::train::checkpoint::{self, Checkpoint, FORMAT, RngState, RunLock, TrainState, prune, set_pointer, step_name};
@@ -132,6 +133,8 @@ pub struct Trainer<B: BaseBackend> {
     /// The step of the last checkpoint taken, written or pending.
     saved_at: usize,
     last_episodes: Vec<Episode>,
+    /// The step of the last curvature warning printed.
+    last_curvature_warning: Option<usize>,
     bar: ProgressBar,
     timings: Vec<StepTiming>,
 }
@@ -198,6 +201,7 @@ impl<B: BaseBackend> Trainer<B> {
             clock: Instant::now(),
             pending: None,
             last_episodes: Vec::new(),
+            last_curvature_warning: None,
             bar,
             timings: Vec::new(),
         })
@@ -256,7 +260,8 @@ impl<B: BaseBackend> Trainer<B> {
         self.step += 1;
         self.episode_rng = self.sampler.rng_after_last().map(RngState::of);
         let ufo = (!warmup && matches!(self.learner.mode, crate::hypergrad::Mode::Ufo(_))).then_some((meta.q, &meta.exact));
-        self.record(&scores, ufo)?;
+        self.warn_on_curvature(meta.curvature);
+        self.record(&scores, ufo, meta.curvature)?;
         self.last_episodes = episodes;
         let total_s = start.elapsed().as_secs_f64();
         self.timings.push(StepTiming { data_s, hypergradient_s, optimizer_s, other_s: total_s - data_s - hypergradient_s - optimizer_s, phases });
@@ -277,11 +282,12 @@ impl<B: BaseBackend> Trainer<B> {
 
     /// Log the meta-iteration (and a validation when due), update the bar,
     /// and take a checkpoint when due.
-    fn record(&mut self, scores: &TaskScores, ufo: Option<(Option<f64>, &Vec<bool>)>) -> Result<()> {
+    fn record(&mut self, scores: &TaskScores, ufo: Option<(Option<f64>, &Vec<bool>)>, curvature: Option<CurvatureWarning>) -> Result<()> {
         let (loss, accuracy) = (scores.mean_loss(), scores.mean_accuracy().expect("episodes are classification tasks"));
         let exact_fraction = ufo.map(|(_, exact)| exact.iter().filter(|&&e| e).count() as f64 / scores.losses.len() as f64);
         let q = ufo.and_then(|(q, _)| q);
-        let mut lines = vec![Metrics { step: self.step, split: "train".into(), loss, accuracy, ci95: None, q, exact_fraction, elapsed_s: self.elapsed() }];
+        let curvature_lambda = curvature.map(|c| c.lambda_needed);
+        let mut lines = vec![Metrics { step: self.step, split: "train".into(), loss, accuracy, ci95: None, q, exact_fraction, curvature_lambda, elapsed_s: self.elapsed() }];
         let validation = self.validate_if_due()?;
         let improved = validation.as_ref().is_some_and(|(_, improved)| *improved);
         lines.extend(validation.as_ref().map(|(m, _)| m.clone()));
@@ -303,6 +309,17 @@ impl<B: BaseBackend> Trainer<B> {
         Ok(())
     }
 
+    /// Say when an implicit mode's linear solve met non-positive curvature:
+    /// at the first time, then at most once per 100 meta-iterations (every
+    /// occurrence is in the metrics log).
+    fn warn_on_curvature(&mut self, curvature: Option<CurvatureWarning>) {
+        let (Some(c), Some(lambda)) = (curvature, self.learner.mode.proximal_lambda()) else { return };
+        if self.last_curvature_warning.is_none_or(|s| self.step >= s + 100) {
+            self.bar.suspend(|| eprintln!("warning at meta-iteration {}: {}", self.step + 1, c.describe(lambda)));
+            self.last_curvature_warning = Some(self.step);
+        }
+    }
+
     /// Validation when it is due: its metrics line and whether it is a new best.
     fn validate_if_due(&mut self) -> Result<Option<(Metrics, bool)>> {
         let Some(val) = self.val_split.clone().filter(|_| self.step % self.config.eval.every == 0) else { return Ok(None) };
@@ -315,7 +332,7 @@ impl<B: BaseBackend> Trainer<B> {
         if improved {
             self.best = Some((self.step, s.accuracy));
         }
-        let line = Metrics { step: self.step, split: "val".into(), loss: s.loss, accuracy: s.accuracy, ci95: Some(s.ci95), q: None, exact_fraction: None, elapsed_s: self.elapsed() };
+        let line = Metrics { step: self.step, split: "val".into(), loss: s.loss, accuracy: s.accuracy, ci95: Some(s.ci95), q: None, exact_fraction: None, curvature_lambda: None, elapsed_s: self.elapsed() };
         Ok(Some((line, improved)))
     }
 

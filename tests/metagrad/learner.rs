@@ -27,6 +27,8 @@ fn every_mode() -> Vec<Mode> {
         Mode::Ufo(QRule::Fixed(0.5)),
         Mode::Ufo(QRule::Adaptive(AdaptiveQ::new(0.5))),
         Mode::Implicit { lambda: 2.0, cg_steps: 4 },
+        Mode::Neumann { lambda: 2.0, steps: 4, lr: 0.02 },
+        Mode::FixedPoint { lambda: 2.0, steps: 4 },
     ]
 }
 
@@ -96,7 +98,7 @@ fn mlp_is_meta_trainable_with_every_mode() {
     let batches: Vec<Vec<Task>> = (0..400).map(|_| (0..8).map(|_| stream.next_task(5, 7).1).collect()).collect();
     for mode in every_mode() {
         // iMAML's hypergradient assumes the proximal problem solved: it gets a few steps.
-        let inner = if matches!(mode, Mode::Implicit { .. }) { InnerLoop { steps: 5, lr: 0.01 } } else { InnerLoop { steps: 1, lr: 0.02 } };
+        let inner = if mode.proximal_lambda().is_some() { InnerLoop { steps: 5, lr: 0.01 } } else { InnerLoop { steps: 1, lr: 0.02 } };
         let mut learner = MetaLearner::new(mlp.clone(), mlp.init::<Cpu>(0, F64, &DEV), mode.clone(), inner, 1e-2).unwrap();
         learner.batching = Batching::Stacked;
         let mse = |l: &MetaLearner<Mlp, Cpu>| test.iter().map(|t| l.evaluate(t, &inner).0).sum::<f64>() / test.len() as f64;

@@ -8,6 +8,7 @@ mod faults;
 mod fetch;
 mod fixed_episodes;
 mod hypergrad;
+mod implicit;
 mod learner;
 mod mini_imagenet;
 mod model;

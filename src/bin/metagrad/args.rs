@@ -115,7 +115,9 @@ pub struct HypergradArgs {
     #[arg(long)]
     pub episode: PathBuf,
     /// maml (exact, backward sweep), maml-unrolled (exact, unrolled graph), fomaml,
-    /// ufo (fixed --q), ufo-adaptive (q from the running moments, starting at 0.05), implicit.
+    /// ufo (fixed --q), ufo-adaptive (q from the running moments, starting at 0.05),
+    /// implicit (conjugate gradient), neumann (Neumann series, step --neumann-lr),
+    /// fixed-point (Neumann series with η = inner lr × λ).
     #[arg(long)]
     pub mode: String,
     /// Inner-loop gradient steps r.
@@ -124,12 +126,18 @@ pub struct HypergradArgs {
     /// Inner-loop step size α.
     #[arg(long, default_value_t = 0.4)]
     pub inner_lr: f64,
-    /// implicit: proximal regularisation λ.
+    /// implicit, neumann, fixed-point: proximal regularisation λ.
     #[arg(long, default_value_t = 1.0)]
     pub lambda: f64,
     /// implicit: conjugate-gradient steps K.
     #[arg(long, default_value_t = 5)]
     pub cg_steps: usize,
+    /// neumann, fixed-point: terms K of the Neumann series.
+    #[arg(long, default_value_t = 10)]
+    pub neumann_steps: usize,
+    /// neumann: the series' step η.
+    #[arg(long, default_value_t = 0.4)]
+    pub neumann_lr: f64,
     /// ufo: probability of the exact branch.
     #[arg(long, default_value_t = 0.5)]
     pub q: f64,
@@ -155,6 +163,8 @@ impl HypergradArgs {
             "ufo" => Mode::Ufo(QRule::Fixed(self.q)),
             "ufo-adaptive" => Mode::Ufo(QRule::Adaptive(AdaptiveQ::new(0.05))),
             "implicit" => Mode::Implicit { lambda: self.lambda, cg_steps: self.cg_steps },
+            "neumann" => Mode::Neumann { lambda: self.lambda, steps: self.neumann_steps, lr: self.neumann_lr },
+            "fixed-point" => Mode::FixedPoint { lambda: self.lambda, steps: self.neumann_steps },
             other => bail!("unknown mode '{other}': expected one of {}", Mode::NAMES),
         })
     }

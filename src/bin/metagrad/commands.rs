@@ -305,6 +305,9 @@ pub fn hypergrad(args: HypergradArgs) -> Result<()> {
     write_safetensors(&args.out, &report.tensors, &metadata)?;
     let note = report.exact_draws.map_or(String::new(), |k| format!(", mean of {} estimates, {k} took the exact branch", args.samples));
     println!("{name}: query loss {:.6}, query accuracy {:.4} after {} inner steps{note}; wrote {}", report.query_loss, report.query_accuracy, inner.steps, args.out.display());
+    if let Some(warning) = &report.curvature {
+        eprintln!("warning: {warning}");
+    }
     Ok(())
 }
 

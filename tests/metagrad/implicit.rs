@@ -1,0 +1,158 @@
+//! The implicit-differentiation estimators (CG, Neumann series, fixed point)
+//! against closed forms, against each other, and their curvature guard.
+
+use burn::backend::Flex;
+use metagrad::autodiff::diff::{Objective, value_and_grad};
+use metagrad::autodiff::tensor::{Level, Tensor};
+use metagrad::bench::random_batch;
+use metagrad::hypergrad::implicit::conjugate_gradient_checked;
+use metagrad::hypergrad::neumann::neumann_series;
+use metagrad::hypergrad::{InnerLoop, LinearSolver, Mode, SelectTasks, TaskLoss, estimate, fomaml, implicit_with, maml, proximal_adapt};
+use metagrad::models::{Conv4, FunctionalModel};
+
+use crate::common::*;
+
+/// ½ Σ d_i φ_i²: its Hessian is diag(d), exactly.
+struct Quadratic<'a> {
+    d: &'a Tensor<Flex>,
+}
+
+impl Objective<Flex> for Quadratic<'_> {
+    fn eval<B: Level<Base = Flex>>(&self, p: &[Tensor<B>]) -> Tensor<B> {
+        p[0].square().mul(&Tensor::from_base(self.d)).sum().mul_scalar(0.5)
+    }
+}
+
+/// One task: its only selection is itself.
+impl SelectTasks for Quadratic<'_> {
+    fn select(&self, chosen: &[usize]) -> Self {
+        assert_eq!(chosen, [0], "a single task");
+        Quadratic { d: self.d }
+    }
+}
+
+/// ⟨c, φ⟩: its gradient is c everywhere.
+struct Linear<'a> {
+    c: &'a Tensor<Flex>,
+}
+
+impl Objective<Flex> for Linear<'_> {
+    fn eval<B: Level<Base = Flex>>(&self, p: &[Tensor<B>]) -> Tensor<B> {
+        p[0].mul(&Tensor::from_base(self.c)).sum()
+    }
+}
+
+fn vector(values: &[f64]) -> Tensor<Flex> {
+    Tensor::from_f64(values, &[values.len()], F64, &DEV)
+}
+
+fn close(got: &[f64], want: &[f64], what: &str) {
+    let err = relative_error(got, want);
+    assert!(err < 1e-12, "{what}: relative error {err:.2e}\n got {got:?}\nwant {want:?}");
+}
+
+#[test]
+fn every_estimator_matches_its_closed_form_at_finite_steps() {
+    let d_values = [0.5, 1.0, 2.0, 3.0, 4.0];
+    let c_values = [0.3, -1.2, 0.7, 2.0, -0.4];
+    let (d, c) = (vector(&d_values), vector(&c_values));
+    let (support, query) = (Quadratic { d: &d }, Linear { c: &c });
+    let theta = vec![vector(&[1.0, -2.0, 0.5, 0.1, 3.0])];
+    let (alpha, r, lambda, k, eta) = (0.1, 3, 2.0, 4, 0.3);
+    let inner = InnerLoop { steps: r, lr: alpha };
+    let per_coordinate = |f: &dyn Fn(f64, f64) -> f64| -> Vec<f64> { d_values.iter().zip(&c_values).map(|(&d, &c)| f(d, c)).collect() };
+    // MAML: (I − αD)^r c; first order: c.
+    close(&maml(&support, &query, &theta, &inner).grad[0].to_vec(), &per_coordinate(&|d, c| (1.0 - alpha * d).powi(r as i32) * c), "maml");
+    close(&fomaml(&support, &query, &theta, &inner).grad[0].to_vec(), &c_values, "fomaml");
+    // Neumann: v_K = η Σ_{i<K} (1 − ηa)^i c = c (1 − (1 − ηa)^K) / a per coordinate, a = 1 + d/λ.
+    let series = |eta: f64| per_coordinate(&|d, c| {
+        let a = 1.0 + d / lambda;
+        c * (1.0 - (1.0 - eta * a).powi(k as i32)) / a
+    });
+    let neumann = estimate(&Mode::Neumann { lambda, steps: k, lr: eta }, &support, &query, &theta, &inner, None);
+    close(&neumann.grad[0].to_vec(), &series(eta), "neumann");
+    let fixed_point = estimate(&Mode::FixedPoint { lambda, steps: k }, &support, &query, &theta, &inner, None);
+    close(&fixed_point.grad[0].to_vec(), &series(alpha * lambda), "fixed-point (η = αλ)");
+    // CG on 5 distinct eigenvalues is exact after 5 steps: (I + D/λ)⁻¹ c; after 2 it is not.
+    let solve = per_coordinate(&|d, c| c / (1.0 + d / lambda));
+    let cg = estimate(&Mode::Implicit { lambda, cg_steps: 5 }, &support, &query, &theta, &inner, None);
+    close(&cg.grad[0].to_vec(), &solve, "implicit (CG, 5 steps)");
+    let rough = estimate(&Mode::Implicit { lambda, cg_steps: 2 }, &support, &query, &theta, &inner, None);
+    assert!(relative_error(&rough.grad[0].to_vec(), &solve) > 1e-3, "2 CG steps cannot solve a 5-eigenvalue system");
+    assert!(neumann.curvature.is_none() && cg.curvature.is_none());
+}
+
+#[test]
+fn fixed_point_is_the_neumann_series_with_eta_alpha_lambda() {
+    let model = Conv4 { channels: 4, ..Conv4::omniglot(3) };
+    let theta = model.init::<Flex>(2, F64, &DEV);
+    let (sx, qx) = (random_batch(&model, 3, 5), random_batch(&model, 6, 6));
+    let (s, q) = (TaskLoss::single(&model, &sx, F64, &DEV), TaskLoss::single(&model, &qx, F64, &DEV));
+    let inner = InnerLoop { steps: 2, lr: 0.1 };
+    let a = estimate(&Mode::FixedPoint { lambda: 3.0, steps: 6 }, &s, &q, &theta, &inner, None).grad;
+    let b = estimate(&Mode::Neumann { lambda: 3.0, steps: 6, lr: 0.1 * 3.0 }, &s, &q, &theta, &inner, None).grad;
+    assert_eq!(flatten(&a), flatten(&b));
+}
+
+#[test]
+fn neumann_with_many_terms_equals_conjugate_gradient_to_convergence() {
+    let model = Conv4 { channels: 2, ..Conv4::omniglot(3) };
+    let theta = model.init::<Flex>(9, F64, &DEV);
+    let (sx, qx) = (random_batch(&model, 3, 10), random_batch(&model, 6, 11));
+    let (s, q) = (TaskLoss::single(&model, &sx, F64, &DEV), TaskLoss::single(&model, &qx, F64, &DEV));
+    let inner = InnerLoop { steps: 3, lr: 0.05 };
+    // λ three times the largest |eigenvalue| of H at φ (power iteration) puts
+    // the spectrum of I + H/λ in [2/3, 4/3]: positive definite, and η = 1
+    // contracts the series by 1/3 a term.
+    let phi = proximal_adapt(&s, &theta, &inner, 1.0);
+    let mut v = random_unit_direction(&mut rng(4), &theta);
+    let mut largest = 0.0;
+    for _ in 0..40 {
+        let (_, _, hv) = metagrad::autodiff::diff::hvp(&s, &phi, &v);
+        largest = norm(&flatten(&hv));
+        v = hv.iter().map(|t| t.mul_scalar(1.0 / largest)).collect();
+    }
+    let lambda = 3.0 * largest;
+    let cg = implicit_with(&s, &q, &theta, &inner, lambda, LinearSolver::ConjugateGradient { steps: 200 });
+    let series = implicit_with(&s, &q, &theta, &inner, lambda, LinearSolver::Neumann { steps: 60, lr: 1.0 });
+    let err = relative_error(&flatten(&series.grad), &flatten(&cg.grad));
+    assert!(err < 1e-8, "Neumann (60 terms) and CG to convergence differ by {err:.2e} (λ = {lambda:.3})");
+    assert!(cg.curvature.is_none() && series.curvature.is_none());
+    // A short series is visibly short of it: the comparison can fail.
+    let short = implicit_with(&s, &q, &theta, &inner, lambda, LinearSolver::Neumann { steps: 1, lr: 1.0 });
+    assert!(relative_error(&flatten(&short.grad), &flatten(&cg.grad)) > 1e-4);
+}
+
+#[test]
+fn non_positive_curvature_is_reported_with_the_lambda_that_fixes_it() {
+    // H = diag(d) with one negative eigenvalue, −3: I + H/λ is indefinite for λ ≤ 3.
+    let d = vector(&[1.0, -3.0, 2.0]);
+    let c = vector(&[0.5, 1.0, -0.5]);
+    let (support, query) = (Quadratic { d: &d }, Linear { c: &c });
+    let phi = vec![vector(&[0.0, 0.0, 0.0])];
+    let (_, b) = value_and_grad(&query, &phi);
+    for lambda in [1.0, 2.0] {
+        let (_, cg) = conjugate_gradient_checked(&support, &phi, &b, lambda, 10);
+        let (_, series) = neumann_series(&support, &phi, &b, lambda, 10, 0.1);
+        for (solver, warning) in [("CG", cg), ("Neumann", series)] {
+            let w = warning.unwrap_or_else(|| panic!("{solver} at λ = {lambda}: no warning for an indefinite system"));
+            assert_eq!(w.tasks, 1);
+            assert!(w.lambda_needed > lambda && w.lambda_needed <= 3.0 + 1e-9, "{solver}: λ needed {} at λ = {lambda}", w.lambda_needed);
+            assert!(w.describe(lambda).contains("set mode.lambda above"));
+        }
+    }
+    // A step too large for the positive curvature met: the terms would grow.
+    let (_, big_step) = neumann_series(&support, &phi, &b, 4.0, 10, 1.9);
+    let w = big_step.expect("η = 1.9 with A's eigenvalue 1.5 grows the series");
+    // Between 2/λ_max(A) = 2/1.5 and the η that grew it.
+    assert!(w.step_tasks == 1 && w.lr_below >= 2.0 / 1.5 - 1e-9 && w.lr_below < 1.9, "η below {}", w.lr_below);
+    assert!(w.describe(4.0).contains("neumann_lr below"));
+    // Above the most negative curvature, with a small step, no warning.
+    assert!(conjugate_gradient_checked(&support, &phi, &b, 4.0, 10).1.is_none());
+    assert!(neumann_series(&support, &phi, &b, 4.0, 10, 0.1).1.is_none());
+    // And through a mode, the hypergradient carries it.
+    let theta = vec![vector(&[0.1, 0.1, 0.1])];
+    let h = estimate(&Mode::Neumann { lambda: 1.0, steps: 10, lr: 0.1 }, &support, &query, &theta, &InnerLoop { steps: 1, lr: 0.01 }, None);
+    assert!(h.curvature.is_some());
+    let _ = proximal_adapt(&support, &theta, &InnerLoop { steps: 1, lr: 0.01 }, 1.0);
+}
