@@ -124,6 +124,7 @@ where
     F: Objective<B::Base>,
 {
     assert_eq!(params.len(), v.len(), "hvp: {} parameters but {} direction tensors", params.len(), v.len());
+    HVPS.with(|n| n.set(n.get() + 1));
     let leaves = lift(params);
     let (loss, grads) = value_and_grad(f, &leaves);
     let directions = lift_constant(v);
@@ -136,6 +137,16 @@ where
     let hv = timed::<B, _>(Phase::HvpReverse, &params[0].device(), || backward(&inner, &leaves));
     let grads = grads.into_iter().map(lower).collect();
     (lower(loss), grads, hv)
+}
+
+thread_local! {
+    static HVPS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// Hessian-vector products computed on this thread so far: the cost unit
+/// the estimators are compared in.
+pub fn hvp_count() -> usize {
+    HVPS.with(|n| n.get())
 }
 
 /// Σ_i ⟨a_i, b_i⟩ over lists of tensors, summed on the device and read back

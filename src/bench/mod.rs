@@ -5,6 +5,8 @@
 //! Burn's memory pool, from a cleaned pool) and by the process high-water mark
 //! on the CPU (VmHWM, reset through /proc/self/clear_refs before each case).
 
+pub mod estimators;
+
 use std::time::Instant;
 
 use burn::backend::Backend;
@@ -81,14 +83,14 @@ fn current_rss_kib(field: &str) -> Option<f64> {
 }
 
 /// Measures peak memory of a closure on the device's allocator or the process.
-struct MemoryProbe<B: Backend> {
+pub(crate) struct MemoryProbe<B: Backend> {
     device: Device<B>,
     baseline: Option<f64>,
     on_device: bool,
 }
 
 impl<B: Backend> MemoryProbe<B> {
-    fn start(device: &Device<B>) -> Self {
+    pub(crate) fn start(device: &Device<B>) -> Self {
         B::memory_cleanup(device);
         if let Some(usage) = B::memory_pool_usage(device) {
             return MemoryProbe { device: device.clone(), baseline: Some(usage.bytes_reserved as f64), on_device: true };
@@ -99,7 +101,7 @@ impl<B: Backend> MemoryProbe<B> {
     }
 
     /// Peak bytes above the baseline, in MiB.
-    fn peak_mib(&self) -> Option<f64> {
+    pub(crate) fn peak_mib(&self) -> Option<f64> {
         let baseline = self.baseline?;
         let peak = if self.on_device {
             B::memory_pool_usage(&self.device)?.bytes_reserved as f64

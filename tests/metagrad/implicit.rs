@@ -156,3 +156,30 @@ fn non_positive_curvature_is_reported_with_the_lambda_that_fixes_it() {
     assert!(h.curvature.is_some());
     let _ = proximal_adapt(&support, &theta, &InnerLoop { steps: 1, lr: 0.01 }, 1.0);
 }
+
+#[test]
+fn estimator_study_rows_fall_to_their_references() {
+    use metagrad::bench::estimators::{EstimatorStudy, format_estimator_table};
+    let study = EstimatorStudy {
+        model: Conv4 { channels: 2, ..Conv4::omniglot(3) },
+        episodes: 1,
+        inner: InnerLoop { steps: 2, lr: 0.008 },
+        lambda: 100.0,
+        neumann_lr: 0.8,
+        steps: vec![1, 4, 40],
+        qs: vec![0.5, 1.0],
+        seeds: 2,
+    };
+    let rows = study.run();
+    let row = |estimator: &str, setting: &str| rows.iter().find(|r| r.estimator == estimator && r.setting == setting).unwrap_or_else(|| panic!("no row {estimator} {setting}"));
+    assert_eq!(row("maml", "r = 2").relative_error, 0.0);
+    assert_eq!(row("maml", "r = 2").hvps, 2.0);
+    assert!(row("ufo", "q = 1").relative_error < 1e-12);
+    assert!(row("fomaml", "-").relative_error > 1e-3 && row("fomaml", "-").hvps == 0.0);
+    for name in ["implicit (CG)", "neumann", "fixed-point"] {
+        let (one, many) = (row(name, "K = 1"), row(name, "K = 40"));
+        assert!(many.relative_error < 1e-6 && many.relative_error < one.relative_error, "{name}: {} → {}", one.relative_error, many.relative_error);
+        assert_eq!(many.stopped_early, 0);
+    }
+    assert!(format_estimator_table(&rows).contains("implicit (CG to convergence)"));
+}

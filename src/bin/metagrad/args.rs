@@ -374,10 +374,52 @@ pub struct BenchTrainArgs {
     
 }
 
+/// `metagrad bench estimators`.
+#[derive(Args)]
+pub struct EstimatorArgs {
+    /// Conv-4 width (narrow keeps the f64 study quick).
+    #[arg(long, default_value_t = 8)]
+    pub channels: usize,
+    #[arg(long, default_value_t = 5)]
+    pub way: usize,
+    /// Episodes the errors are averaged over.
+    #[arg(long, default_value_t = 4)]
+    pub episodes: usize,
+    #[arg(long, default_value_t = 5)]
+    pub inner_steps: usize,
+    /// Inner step α; fixed-point's η is α·λ.
+    #[arg(long, default_value_t = 0.008)]
+    pub inner_lr: f64,
+    /// λ of the implicit family's proximal problem: large enough here for
+    /// I + H/λ to be positive definite (the rows say when it is not).
+    #[arg(long, default_value_t = 100.0)]
+    pub lambda: f64,
+    /// Step η of the neumann rows.
+    #[arg(long, default_value_t = 0.9)]
+    pub neumann_lr: f64,
+    /// K of the CG, neumann and fixed-point rows, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,2,4,8,16,32")]
+    pub steps: Vec<usize>,
+    /// q of the ufo rows, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "0.1,0.25,0.5,1")]
+    pub qs: Vec<f64>,
+    /// Seeds of ufo's draws per q.
+    #[arg(long, default_value_t = 32)]
+    pub seeds: u64,
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// The error-against-cost figure.
+    #[arg(long, default_value = "estimators.png")]
+    pub png: PathBuf,
+}
+
 #[derive(Subcommand)]
 pub enum BenchCommand {
     /// Meta-iterations per second of training, for each mode (random images of each workload's shape).
     Train(BenchTrainArgs),
+    /// Relative error of every hypergradient estimator against the exact
+    /// hypergradient, for its cost (f64, CPU, Conv-4 on random Omniglot-shaped episodes).
+    Estimators(EstimatorArgs),
     /// Episodes per second drawn from the cached datasets, on one core.
     Data {
         #[command(flatten)]

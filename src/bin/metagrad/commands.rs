@@ -17,7 +17,7 @@ use metagrad::data::episode::Episode;
 use metagrad::data::fetch::{self, Source};
 use metagrad::data::store::{read_safetensors, write_atomic, write_safetensors};
 use metagrad::data::{fixed_episodes, mini_imagenet};
-use metagrad::hypergrad::InnerLoop;
+use metagrad::hypergrad::{InnerLoop, Mode};
 use metagrad::hypergrad::files::EpisodeHypergradient;
 use metagrad::models::params::save_params;
 use metagrad::models::{Conv4, FunctionalModel, check_task_fits};
@@ -285,7 +285,7 @@ pub fn hypergrad(args: HypergradArgs) -> Result<()> {
     let mode = args.mode()?;
     let inner = InnerLoop { steps: args.inner_steps, lr: args.inner_lr };
     mode.validate(&inner)?;
-    if matches!(mode, metagrad::hypergrad::Mode::Ufo(_)) && args.samples == 0 {
+    if matches!(mode, Mode::Ufo(_)) && args.samples == 0 {
         bail!("samples = 0: ufo averages at least 1 estimate");
     }
     let episode = Episode::read(&args.episode)?;
@@ -391,4 +391,24 @@ pub fn bench_autodiff(args: &BackendArgs, iters: usize, warmup: usize, json: Opt
     let job = AutodiffBench { iters, warmup, backend_name: selection.kind.name().to_string() };
     let rows = backend::dispatch(selection, job);
     report(&format_table(&rows), &rows, json)
+}
+
+/// `metagrad bench estimators`: the table, the JSON rows and the figure.
+pub fn bench_estimators(args: crate::args::EstimatorArgs) -> Result<()> {
+    use metagrad::bench::estimators::{EstimatorStudy, format_estimator_table, plot_estimators};
+    let inner = InnerLoop { steps: args.inner_steps, lr: args.inner_lr };
+    Mode::Neumann { lambda: args.lambda, steps: 1, lr: args.neumann_lr }.validate(&inner)?;
+    if args.episodes == 0 || args.seeds == 0 || args.steps.contains(&0) {
+        bail!("--episodes, --seeds and every --steps value must be at least 1");
+    }
+    if let Some(q) = args.qs.iter().find(|q| !(**q > 0.0 && **q <= 1.0)) {
+        bail!("--qs: q = {q} is not in (0, 1]");
+    }
+    let model = Conv4 { channels: args.channels, ..Conv4::omniglot(args.way) };
+    eprintln!("comparing hypergradient estimators on {} (f64, cpu), {} episodes", model.describe(), args.episodes);
+    let study = EstimatorStudy { model, episodes: args.episodes, inner, lambda: args.lambda, neumann_lr: args.neumann_lr, steps: args.steps, qs: args.qs, seeds: args.seeds };
+    let rows = study.run();
+    plot_estimators(&rows, &args.png)?;
+    eprintln!("wrote {}", args.png.display());
+    report(&format_estimator_table(&rows), &rows, args.json)
 }

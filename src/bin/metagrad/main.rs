@@ -43,6 +43,7 @@ fn data(which: DataCommand) -> Result<()> {
 fn bench(which: BenchCommand) -> Result<()> {
     match which {
         BenchCommand::Train(args) => commands::bench_train(args),
+        BenchCommand::Estimators(args) => commands::bench_estimators(args),
         BenchCommand::Data { location, seconds, json } => commands::bench_data(&location, seconds, json),
         BenchCommand::Hypergrad { backend, steps, iters, warmup, ufo_q, unrolled_max_steps, json } => {
             commands::bench_hypergrad(&backend, steps, iters, warmup, ufo_q, unrolled_max_steps, json)
