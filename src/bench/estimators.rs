@@ -83,8 +83,8 @@ impl EstimatorStudy {
         for &k in &self.steps {
             let reference = ("implicit (CG to convergence)", implicit_ref.as_slice());
             rows.push(self.row("implicit (CG)", &format!("K = {k}"), Mode::Implicit { lambda, cg_steps: k }, &tasks, &theta, reference, 1));
-            rows.push(self.row("neumann", &format!("K = {k}"), Mode::Neumann { lambda, steps: k, lr: self.neumann_lr }, &tasks, &theta, reference, 1));
-            rows.push(self.row("fixed-point", &format!("K = {k}"), Mode::FixedPoint { lambda, steps: k }, &tasks, &theta, reference, 1));
+            rows.push(self.row("neumann", &format!("K = {k}"), Mode::Neumann { lambda, steps: k, lr: self.neumann_lr, hvp_batch: None, inner_batch: None }, &tasks, &theta, reference, 1));
+            rows.push(self.row("fixed-point", &format!("K = {k}"), Mode::FixedPoint { lambda, steps: k, hvp_batch: None, inner_batch: None }, &tasks, &theta, reference, 1));
         }
         rows
     }

@@ -100,6 +100,17 @@ impl Examples {
         &self.dims[1..]
     }
 
+    /// The examples at `indices`, in that order.
+    pub fn subset(&self, indices: &[usize]) -> Examples {
+        let inputs = indices.iter().flat_map(|&i| self.example(i).iter().copied()).collect();
+        let dims = [vec![indices.len()], self.example_dims().to_vec()].concat();
+        let targets = match &self.targets {
+            Targets::Classes { labels, classes } => Targets::Classes { labels: indices.iter().map(|&i| labels[i]).collect(), classes: *classes },
+            Targets::Values { values, width } => Targets::Values { values: indices.iter().flat_map(|&i| values[i * width..(i + 1) * width].iter().copied()).collect(), width: *width },
+        };
+        Examples::new(inputs, dims, targets)
+    }
+
     /// Example i's input values.
     pub fn example(&self, i: usize) -> &[f32] {
         let size: usize = self.dims[1..].iter().product();

@@ -4,11 +4,15 @@
 //! solver given as an argument: K steps of conjugate gradient (`implicit`),
 //! or a truncated Neumann series (`neumann`, `fixed-point`; neumann.rs).
 
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+
 use crate::autodiff::diff::{Objective, evaluate_and_grad, hvp};
 use crate::autodiff::tensor::{BaseBackend, Tensor};
-use crate::hypergrad::neumann::neumann_series;
+use crate::hypergrad::inner::{InnerLoop, axpy, proximal_adapt, proximal_adapt_sampled};
+use crate::hypergrad::neumann::neumann_series_of;
 use crate::hypergrad::result::{CurvatureWarning, Hypergradient};
-use crate::hypergrad::inner::{InnerLoop, axpy, proximal_adapt};
+use crate::hypergrad::task::TaskSubsets;
 use crate::hypergrad::stack::{scale_tasks, task_dots};
 
 /// How the linear system (I + H/λ) g = ∇L_q is solved.
@@ -29,10 +33,54 @@ pub fn implicit<Base: BaseBackend, S: Objective<Base>, Q: Objective<Base>>(suppo
 /// when the solver met non-positive curvature.
 pub fn implicit_with<Base: BaseBackend, S: Objective<Base>, Q: Objective<Base>>(support: &S, query: &Q, theta: &[Tensor<Base>], inner: &InnerLoop, lambda: f64, solver: LinearSolver) -> Hypergradient<Base> {
     let phi = proximal_adapt(support, theta, inner, lambda);
+    let mut apply = |v: &[Tensor<Base>]| {
+        let (_, _, hv) = hvp(support, &phi, v);
+        axpy(v, 1.0 / lambda, &hv)
+    };
+    solved(query, phi.clone(), &mut apply, support.tasks(), lambda, solver)
+}
+
+/// Random example subsets for the stochastic implicit modes: each
+/// Hessian-vector product (`hvp_batch`) and each inner step (`inner_batch`)
+/// sees `size` random support examples of each task, drawn from the task's seed.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Sampling<'a> {
+    pub hvp_batch: Option<usize>,
+    pub inner_batch: Option<usize>,
+    pub seeds: &'a [u64],
+}
+
+/// `implicit_with` on random subsets of the support examples (stocBiO with
+/// the Neumann series and `hvp_batch`; Grazzi et al.'s stochastic implicit
+/// differentiation with the fixed point and `inner_batch`).
+pub fn implicit_sampled<Base, S, Q>(support: &S, query: &Q, theta: &[Tensor<Base>], inner: &InnerLoop, lambda: f64, solver: LinearSolver, sampling: Sampling) -> Hypergradient<Base>
+where
+    Base: BaseBackend,
+    S: Objective<Base> + TaskSubsets,
+    Q: Objective<Base>,
+{
+    assert_eq!(sampling.seeds.len(), support.tasks(), "one subset seed per task");
+    let mut rngs: Vec<ChaCha8Rng> = sampling.seeds.iter().map(|&s| ChaCha8Rng::seed_from_u64(s)).collect();
+    let phi = match sampling.inner_batch {
+        Some(size) => proximal_adapt_sampled(support, theta, inner, lambda, size, &mut rngs),
+        None => proximal_adapt(support, theta, inner, lambda),
+    };
+    let mut apply = |v: &[Tensor<Base>]| {
+        let (_, _, hv) = match sampling.hvp_batch {
+            Some(size) => hvp(&support.subsample(size, &mut rngs), &phi, v),
+            None => hvp(support, &phi, v),
+        };
+        axpy(v, 1.0 / lambda, &hv)
+    };
+    solved(query, phi.clone(), &mut apply, support.tasks(), lambda, solver)
+}
+
+/// ∇L_q at φ, and the system solved by `solver` with the product `apply`.
+fn solved<Base: BaseBackend, Q: Objective<Base>>(query: &Q, phi: Vec<Tensor<Base>>, apply: &mut dyn FnMut(&[Tensor<Base>]) -> Vec<Tensor<Base>>, tasks: usize, lambda: f64, solver: LinearSolver) -> Hypergradient<Base> {
     let (evaluation, g_query) = evaluate_and_grad(query, &phi);
     let (grad, curvature) = match solver {
-        LinearSolver::ConjugateGradient { steps } => conjugate_gradient_checked(support, &phi, &g_query, lambda, steps),
-        LinearSolver::Neumann { steps, lr } => neumann_series(support, &phi, &g_query, lambda, steps, lr),
+        LinearSolver::ConjugateGradient { steps } => conjugate_gradient_of(apply, tasks, &g_query, lambda, steps),
+        LinearSolver::Neumann { steps, lr } => neumann_series_of(apply, tasks, &g_query, lambda, steps, lr),
     };
     let mut h = Hypergradient::new(grad, evaluation, phi);
     h.curvature = curvature;
@@ -51,11 +99,15 @@ pub fn conjugate_gradient<Base: BaseBackend, S: Objective<Base>>(support: &S, ph
 
 /// `conjugate_gradient`, and a warning when a task met non-positive curvature.
 pub fn conjugate_gradient_checked<Base: BaseBackend, S: Objective<Base>>(support: &S, phi: &[Tensor<Base>], b: &[Tensor<Base>], lambda: f64, steps: usize) -> (Vec<Tensor<Base>>, Option<CurvatureWarning>) {
-    let tasks = support.tasks();
-    let apply = |v: &[Tensor<Base>]| -> Vec<Tensor<Base>> {
+    let mut apply = |v: &[Tensor<Base>]| {
         let (_, _, hv) = hvp(support, phi, v);
         axpy(v, 1.0 / lambda, &hv)
     };
+    conjugate_gradient_of(&mut apply, support.tasks(), b, lambda, steps)
+}
+
+/// Conjugate gradient for any product v ↦ Av = v + Hv/λ, per stacked task.
+fn conjugate_gradient_of<Base: BaseBackend>(apply: &mut dyn FnMut(&[Tensor<Base>]) -> Vec<Tensor<Base>>, tasks: usize, b: &[Tensor<Base>], lambda: f64, steps: usize) -> (Vec<Tensor<Base>>, Option<CurvatureWarning>) {
     let mut x: Vec<Tensor<Base>> = b.iter().map(|t| t.mul_scalar(0.0)).collect();
     let mut residual = b.to_vec();
     let mut direction = b.to_vec();

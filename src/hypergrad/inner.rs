@@ -1,9 +1,11 @@
 //! The inner loop: gradient steps on the support loss, plain or proximal.
 
+use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::autodiff::diff::{Objective, value_and_grad};
 use crate::autodiff::tensor::{BaseBackend, Level, Tensor};
+use crate::hypergrad::task::TaskSubsets;
 
 /// The inner loop: number of gradient steps on the support set, and their size.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
@@ -76,4 +78,16 @@ impl<Base: BaseBackend, S: Objective<Base>> Objective<Base> for Proximal<'_, Bas
 pub fn proximal_adapt<Base: BaseBackend, S: Objective<Base>>(support: &S, theta: &[Tensor<Base>], inner: &InnerLoop, lambda: f64) -> Vec<Tensor<Base>> {
     let objective = Proximal { support, theta, lambda };
     adapted(&objective, theta, inner)
+}
+
+/// `proximal_adapt` with each inner step on `size` random examples of each
+/// task (stochastic implicit differentiation's inner solve).
+pub fn proximal_adapt_sampled<Base: BaseBackend, S: Objective<Base> + TaskSubsets>(support: &S, theta: &[Tensor<Base>], inner: &InnerLoop, lambda: f64, size: usize, rngs: &mut [ChaCha8Rng]) -> Vec<Tensor<Base>> {
+    let mut phi = theta.to_vec();
+    for _ in 0..inner.steps {
+        let sampled = support.subsample(size, rngs);
+        let (_, g) = value_and_grad(&Proximal { support: &sampled, theta, lambda }, &phi);
+        phi = sgd_step(&phi, &g, inner.lr);
+    }
+    phi
 }

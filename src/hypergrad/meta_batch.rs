@@ -14,7 +14,7 @@ use crate::autodiff::tensor::{BaseBackend, Tensor};
 use crate::data::task::Task;
 use crate::hypergrad::inner::{InnerLoop, axpy};
 use crate::hypergrad::mode::{Mode, estimate};
-use crate::hypergrad::result::{CurvatureWarning, Hypergradient, UfoDraws};
+use crate::hypergrad::result::{CurvatureWarning, Draws, Hypergradient};
 use crate::hypergrad::stack::{replicate, task_sum};
 use crate::hypergrad::task::{TaskLoss, accuracy, accuracy_of_rows};
 use crate::models::FunctionalModel;
@@ -120,7 +120,7 @@ fn query_labels(tasks: &[&Task]) -> Vec<Option<Vec<usize>>> {
     tasks.iter().map(|t| t.query.targets.labels().map(<[usize]>::to_vec)).collect()
 }
 
-fn stacked<M: FunctionalModel, Base: BaseBackend>(mode: &Mode, model: &M, tasks: &[&Task], theta: &[Tensor<Base>], inner: &InnerLoop, draws: Option<UfoDraws>) -> (MetaGradient<Base>, Vec<(f64, f64)>) {
+fn stacked<M: FunctionalModel, Base: BaseBackend>(mode: &Mode, model: &M, tasks: &[&Task], theta: &[Tensor<Base>], inner: &InnerLoop, draws: Option<Draws>) -> (MetaGradient<Base>, Vec<(f64, f64)>) {
     let count = tasks.len();
     let h = timed::<Base, _>(Phase::Task, &theta[0].device(), || {
         let (support, query) = losses(model, tasks, theta);
@@ -134,7 +134,7 @@ fn stacked<M: FunctionalModel, Base: BaseBackend>(mode: &Mode, model: &M, tasks:
     (MetaGradient { grad, q: h.q, exact: h.exact, curvature: h.curvature, task_losses, outputs, labels: query_labels(tasks) }, h.observations)
 }
 
-fn task_by_task<M: FunctionalModel, Base: BaseBackend>(mode: &Mode, model: &M, tasks: &[&Task], theta: &[Tensor<Base>], inner: &InnerLoop, draws: Option<UfoDraws>) -> (MetaGradient<Base>, Vec<(f64, f64)>) {
+fn task_by_task<M: FunctionalModel, Base: BaseBackend>(mode: &Mode, model: &M, tasks: &[&Task], theta: &[Tensor<Base>], inner: &InnerLoop, draws: Option<Draws>) -> (MetaGradient<Base>, Vec<(f64, f64)>) {
     let count = tasks.len();
     let results: Vec<Hypergradient<Base>> = parallel_map(count, |t| {
         timed::<Base, _>(Phase::Task, &theta[0].device(), || {
@@ -158,7 +158,7 @@ fn task_by_task<M: FunctionalModel, Base: BaseBackend>(mode: &Mode, model: &M, t
     let grad = sum.expect("at least one task").iter().map(|g| g.mul_scalar(1.0 / count as f64)).collect();
     let result = MetaGradient {
         grad,
-        q: draws.map(|d| d.q),
+        q: draws.as_ref().and_then(Draws::q),
         exact,
         curvature,
         task_losses: Tensor::cat(&task_losses, 0),

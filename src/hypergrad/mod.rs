@@ -34,11 +34,11 @@ pub mod task;
 pub mod ufo;
 
 pub use fomaml::fomaml;
-pub use implicit::{LinearSolver, conjugate_gradient, implicit, implicit_with};
+pub use implicit::{LinearSolver, Sampling, conjugate_gradient, implicit, implicit_sampled, implicit_with};
 pub use inner::{InnerLoop, adapt, adapted, axpy, meta_loss, proximal_adapt, sgd_step};
 pub use maml::{maml, maml_unrolled};
 pub use meta_batch::{Batching, MetaGradient, TaskScores, meta_gradient, task_hypergradient};
 pub use mode::{Mode, estimate, hypergradient};
-pub use result::{CurvatureWarning, Hypergradient, UfoDraws};
-pub use task::{SelectTasks, TaskLoss};
+pub use result::{CurvatureWarning, Draws, Hypergradient, UfoDraws};
+pub use task::{TaskSubsets, TaskLoss};
 pub use ufo::{AdaptiveQ, QRule, ufo, ufo_mean};

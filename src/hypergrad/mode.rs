@@ -8,11 +8,11 @@ use serde::{Deserialize, Serialize};
 use crate::autodiff::diff::Objective;
 use crate::autodiff::tensor::{BaseBackend, Tensor};
 use crate::hypergrad::fomaml::fomaml;
-use crate::hypergrad::implicit::{LinearSolver, implicit, implicit_with};
+use crate::hypergrad::implicit::{LinearSolver, Sampling, implicit, implicit_sampled, implicit_with};
 use crate::hypergrad::inner::InnerLoop;
 use crate::hypergrad::maml::{maml, maml_unrolled};
-use crate::hypergrad::result::{Hypergradient, UfoDraws};
-use crate::hypergrad::task::SelectTasks;
+use crate::hypergrad::result::{Draws, Hypergradient, UfoDraws};
+use crate::hypergrad::task::TaskSubsets;
 use crate::hypergrad::ufo::{self, QRule};
 
 /// A hypergradient mode and its own settings.
@@ -26,10 +26,28 @@ pub enum Mode {
     Ufo(QRule),
     /// iMAML: the proximal problem's linear system by conjugate gradient.
     Implicit { lambda: f64, cg_steps: usize },
-    /// The same system by `steps` terms of the Neumann series with step `lr` (η).
-    Neumann { lambda: f64, steps: usize, lr: f64 },
-    /// AID-FP: the Neumann series with η = αλ (α the inner step).
-    FixedPoint { lambda: f64, steps: usize },
+    /// The same system by `steps` terms of the Neumann series with step `lr`
+    /// (η); with `hvp_batch` each Hessian-vector product sees that many random
+    /// support examples per task (stocBiO), with `inner_batch` each inner step.
+    Neumann {
+        lambda: f64,
+        steps: usize,
+        lr: f64,
+        #[serde(default)]
+        hvp_batch: Option<usize>,
+        #[serde(default)]
+        inner_batch: Option<usize>,
+    },
+    /// AID-FP: the Neumann series with η = αλ (α the inner step); with
+    /// `inner_batch`, Grazzi et al.'s stochastic implicit differentiation.
+    FixedPoint {
+        lambda: f64,
+        steps: usize,
+        #[serde(default)]
+        hvp_batch: Option<usize>,
+        #[serde(default)]
+        inner_batch: Option<usize>,
+    },
 }
 
 impl Mode {
@@ -44,6 +62,14 @@ impl Mode {
             Mode::Implicit { .. } => "implicit",
             Mode::Neumann { .. } => "neumann",
             Mode::FixedPoint { .. } => "fixed-point",
+        }
+    }
+
+    /// The stochastic implicit modes' (hvp_batch, inner_batch).
+    pub fn sampling(&self) -> (Option<usize>, Option<usize>) {
+        match self {
+            Mode::Neumann { hvp_batch, inner_batch, .. } | Mode::FixedPoint { hvp_batch, inner_batch, .. } => (*hvp_batch, *inner_batch),
+            _ => (None, None),
         }
     }
 
@@ -80,16 +106,22 @@ impl Mode {
                 bail!("neumann steps = 0: {} needs at least 1 term of the series", self.name())
             }
             Mode::Neumann { lr, .. } if !(lr.is_finite() && *lr > 0.0) => bail!("neumann lr = {lr}: the series step η must be a finite number > 0"),
+            _ if matches!(self.sampling(), (Some(0), _) | (_, Some(0))) => {
+                bail!("hvp batch or inner batch = 0: a random subset needs at least 1 support example per task")
+            }
             _ => Ok(()),
         }
     }
 }
 
 impl Mode {
-    /// ufo's draws for `tasks` tasks with the rule's current q; None for other modes.
-    pub fn draw(&self, tasks: usize, inner: &InnerLoop, rng: &mut impl Rng) -> Option<UfoDraws> {
+    /// The random choices for `tasks` tasks: ufo's branches with the rule's
+    /// current q, or a subset seed per task for the stochastic implicit
+    /// modes; None for deterministic modes.
+    pub fn draw(&self, tasks: usize, inner: &InnerLoop, rng: &mut impl Rng) -> Option<Draws> {
         match self {
-            Mode::Ufo(rule) => Some(UfoDraws::draw(rule.q(inner.steps), tasks, matches!(rule, QRule::Adaptive(_)), rng)),
+            Mode::Ufo(rule) => Some(Draws::Ufo(UfoDraws::draw(rule.q(inner.steps), tasks, matches!(rule, QRule::Adaptive(_)), rng))),
+            _ if self.sampling() != (None, None) => Some(Draws::Subsets((0..tasks).map(|_| rng.random()).collect())),
             _ => None,
         }
     }
@@ -105,21 +137,42 @@ impl Mode {
 /// Any mode on a stack of tasks: the one dispatch from a mode to its
 /// estimator. ufo's draws are made beforehand (`Mode::draw`), so nothing is
 /// mutated and stacks can run in parallel.
-pub fn estimate<Base, S, Q>(mode: &Mode, support: &S, query: &Q, theta: &[Tensor<Base>], inner: &InnerLoop, draws: Option<&UfoDraws>) -> Hypergradient<Base>
+pub fn estimate<Base, S, Q>(mode: &Mode, support: &S, query: &Q, theta: &[Tensor<Base>], inner: &InnerLoop, draws: Option<&Draws>) -> Hypergradient<Base>
 where
     Base: BaseBackend,
-    S: Objective<Base> + SelectTasks,
+    S: Objective<Base> + TaskSubsets,
     Q: Objective<Base>,
 {
     match mode {
         Mode::Maml => maml(support, query, theta, inner),
         Mode::MamlUnrolled => maml_unrolled(support, query, theta, inner),
         Mode::Fomaml => fomaml(support, query, theta, inner),
-        Mode::Ufo(_) => ufo::ufo_drawn(support, query, theta, inner, draws.expect("ufo: the Bernoulli draws are made before the tasks run")),
+        Mode::Ufo(_) => match draws {
+            Some(Draws::Ufo(draws)) => ufo::ufo_drawn(support, query, theta, inner, draws),
+            _ => panic!("ufo: the Bernoulli draws are made before the tasks run (Mode::draw)"),
+        },
         Mode::Implicit { lambda, cg_steps } => implicit(support, query, theta, inner, *lambda, *cg_steps),
-        Mode::Neumann { lambda, steps, lr } => implicit_with(support, query, theta, inner, *lambda, LinearSolver::Neumann { steps: *steps, lr: *lr }),
-        Mode::FixedPoint { lambda, steps } => {
-            implicit_with(support, query, theta, inner, *lambda, LinearSolver::Neumann { steps: *steps, lr: inner.lr * lambda })
+        Mode::Neumann { lambda, steps, lr, .. } => series(mode, support, query, theta, inner, *lambda, LinearSolver::Neumann { steps: *steps, lr: *lr }, draws),
+        Mode::FixedPoint { lambda, steps, .. } => {
+            series(mode, support, query, theta, inner, *lambda, LinearSolver::Neumann { steps: *steps, lr: inner.lr * lambda }, draws)
+        }
+    }
+}
+
+/// The Neumann-series modes, on random subsets when the mode asks for them.
+#[allow(clippy::too_many_arguments)]
+fn series<Base, S, Q>(mode: &Mode, support: &S, query: &Q, theta: &[Tensor<Base>], inner: &InnerLoop, lambda: f64, solver: LinearSolver, draws: Option<&Draws>) -> Hypergradient<Base>
+where
+    Base: BaseBackend,
+    S: Objective<Base> + TaskSubsets,
+    Q: Objective<Base>,
+{
+    let (hvp_batch, inner_batch) = mode.sampling();
+    match draws {
+        Some(Draws::Subsets(seeds)) => implicit_sampled(support, query, theta, inner, lambda, solver, Sampling { hvp_batch, inner_batch, seeds }),
+        _ => {
+            assert!(hvp_batch.is_none() && inner_batch.is_none(), "{}: the subset seeds are drawn before the tasks run (Mode::draw)", mode.name());
+            implicit_with(support, query, theta, inner, lambda, solver)
         }
     }
 }
@@ -129,7 +182,7 @@ where
 pub fn hypergradient<Base, S, Q>(mode: &mut Mode, support: &S, query: &Q, theta: &[Tensor<Base>], inner: &InnerLoop, rng: &mut impl Rng) -> Hypergradient<Base>
 where
     Base: BaseBackend,
-    S: Objective<Base> + SelectTasks,
+    S: Objective<Base> + TaskSubsets,
     Q: Objective<Base>,
 {
     let draws = mode.draw(support.tasks(), inner, rng);

@@ -17,14 +17,22 @@ use crate::hypergrad::stack::{scale_tasks, task_dots_many};
 /// positive definite there) or ⟨p, Ap⟩ > 2‖p‖²/η (the terms grow) stops
 /// adding terms, and the warning names the λ or η it would take.
 pub fn neumann_series<Base: BaseBackend, S: Objective<Base>>(support: &S, phi: &[Tensor<Base>], b: &[Tensor<Base>], lambda: f64, steps: usize, lr: f64) -> (Vec<Tensor<Base>>, Option<CurvatureWarning>) {
-    let tasks = support.tasks();
+    let mut apply = |v: &[Tensor<Base>]| {
+        let (_, _, hv) = hvp(support, phi, v);
+        axpy(v, 1.0 / lambda, &hv)
+    };
+    neumann_series_of(&mut apply, support.tasks(), b, lambda, steps, lr)
+}
+
+/// The series for any product v ↦ Av (a stochastic one draws a fresh
+/// Hessian estimate per call: stocBiO); `lambda` only names what a warning asks for.
+pub fn neumann_series_of<Base: BaseBackend>(apply: &mut dyn FnMut(&[Tensor<Base>]) -> Vec<Tensor<Base>>, tasks: usize, b: &[Tensor<Base>], lambda: f64, steps: usize, lr: f64) -> (Vec<Tensor<Base>>, Option<CurvatureWarning>) {
     let mut term = b.to_vec();
     let mut sum: Vec<Tensor<Base>> = b.iter().map(|t| t.mul_scalar(lr)).collect();
     let mut active = vec![1.0; tasks];
     let mut warning = CurvatureWarning::default();
     for _ in 1..steps {
-        let (_, _, h_term) = hvp(support, phi, &term);
-        let a_term = axpy(&term, 1.0 / lambda, &h_term);
+        let a_term = apply(&term);
         let [curvature, squared]: [Vec<f64>; 2] = task_dots_many(&[(&term, &a_term), (&term, &term)], tasks).try_into().expect("two pairs");
         for t in 0..tasks {
             if active[t] == 0.0 {

@@ -16,6 +16,35 @@ pub struct UfoDraws {
     pub observe: bool,
 }
 
+/// The random choices a mode makes for a stack of tasks before they run, so
+/// that results do not depend on the order tasks finish in.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Draws {
+    /// ufo's Bernoulli branches.
+    Ufo(UfoDraws),
+    /// One seed per task for the random example subsets of the stochastic
+    /// implicit modes (`hvp_batch`, `inner_batch`).
+    Subsets(Vec<u64>),
+}
+
+impl Draws {
+    /// The draws of tasks start..start+len.
+    pub fn slice(&self, start: usize, len: usize) -> Self {
+        match self {
+            Draws::Ufo(u) => Draws::Ufo(u.slice(start, len)),
+            Draws::Subsets(seeds) => Draws::Subsets(seeds[start..start + len].to_vec()),
+        }
+    }
+
+    /// ufo's q.
+    pub fn q(&self) -> Option<f64> {
+        match self {
+            Draws::Ufo(u) => Some(u.q),
+            Draws::Subsets(_) => None,
+        }
+    }
+}
+
 impl UfoDraws {
     pub fn draw(q: f64, tasks: usize, observe: bool, rng: &mut impl Rng) -> Self {
         UfoDraws { q, exact: (0..tasks).map(|_| rng.random::<f64>() < q).collect(), observe }

@@ -6,24 +6,33 @@
 //! then yields every task's gradient, since the Hessian of a sum of
 //! independent tasks is block-diagonal. One task is the case T = 1.
 
+use std::borrow::Cow;
+
 use burn::backend::tensor::Device;
+use rand_chacha::ChaCha8Rng;
 
 use crate::autodiff::diff::{Evaluation, Objective};
 use crate::autodiff::tensor::{BaseBackend, Level, Precision, Tensor};
 use crate::data::task::{Examples, Targets};
 use crate::models::FunctionalModel;
 
-/// An objective over stacked tasks that can be narrowed to some of them.
-pub trait SelectTasks: Sized {
+/// An objective over stacked tasks that can be narrowed to some of them,
+/// or to random subsets of each task's examples.
+pub trait TaskSubsets: Sized {
     /// The same objective over the `chosen` tasks only, in that order.
     fn select(&self, chosen: &[usize]) -> Self;
+
+    /// The same objective on `size` examples of each task drawn without
+    /// replacement, task t's with `rngs[t]`: an unbiased estimate of a
+    /// mean-over-examples loss, its gradient and its Hessian.
+    fn subsample(&self, size: usize, rngs: &mut [ChaCha8Rng]) -> Self;
 }
 
 /// Σ_t (mean loss of task t on its examples): cross-entropy for class
 /// targets, squared error for values.
 pub struct TaskLoss<'a, M, Base: Level> {
     model: &'a M,
-    parts: Vec<&'a Examples>,
+    parts: Vec<Cow<'a, Examples>>,
     inputs: Tensor<Base>,
     /// One-hot rows or target values, [T·n, outputs], task by task.
     targets: Tensor<Base>,
@@ -33,6 +42,10 @@ pub struct TaskLoss<'a, M, Base: Level> {
 impl<'a, M: FunctionalModel, Base: BaseBackend> TaskLoss<'a, M, Base> {
     /// The loss over `parts`, one batch of examples per task, all of one size.
     pub fn new(model: &'a M, parts: &[&'a Examples], precision: Precision, device: &Device<Base>) -> Self {
+        Self::from_parts(model, parts.iter().map(|p| Cow::Borrowed(*p)).collect(), precision, device)
+    }
+
+    fn from_parts(model: &'a M, parts: Vec<Cow<'a, Examples>>, precision: Precision, device: &Device<Base>) -> Self {
         let n = parts[0].len();
         assert!(parts.iter().all(|p| p.dims == parts[0].dims), "stacked tasks need examples of one shape and number");
         let width = parts[0].targets.width();
@@ -40,13 +53,9 @@ impl<'a, M: FunctionalModel, Base: BaseBackend> TaskLoss<'a, M, Base> {
         let inputs: Vec<&[f32]> = parts.iter().map(|p| p.inputs.as_slice()).collect();
         let (values, dims) = model.stack_inputs(&inputs, n);
         let targets: Vec<f64> = parts.iter().flat_map(|p| p.targets.to_rows()).collect();
-        TaskLoss {
-            model,
-            parts: parts.to_vec(),
-            inputs: Tensor::from_f64(&values, &dims, precision, device),
-            targets: Tensor::from_f64(&targets, &[parts.len() * n, width], precision, device),
-            classes: matches!(parts[0].targets, Targets::Classes { .. }),
-        }
+        let (inputs, targets) = (Tensor::from_f64(&values, &dims, precision, device), Tensor::from_f64(&targets, &[parts.len() * n, width], precision, device));
+        let classes = matches!(parts[0].targets, Targets::Classes { .. });
+        TaskLoss { model, parts, inputs, targets, classes }
     }
 
     /// The loss on one task's examples.
@@ -54,8 +63,8 @@ impl<'a, M: FunctionalModel, Base: BaseBackend> TaskLoss<'a, M, Base> {
         TaskLoss::new(model, &[examples], precision, device)
     }
 
-    pub fn examples(&self) -> &[&'a Examples] {
-        &self.parts
+    pub fn examples(&self) -> impl Iterator<Item = &Examples> {
+        self.parts.iter().map(|p| p.as_ref())
     }
 
     /// Each task's mean loss [T] from an evaluation of this objective (the
@@ -102,10 +111,26 @@ impl<M: FunctionalModel, Base: BaseBackend> Objective<Base> for TaskLoss<'_, M, 
     }
 }
 
-impl<M: FunctionalModel, Base: BaseBackend> SelectTasks for TaskLoss<'_, M, Base> {
+impl<M: FunctionalModel, Base: BaseBackend> TaskSubsets for TaskLoss<'_, M, Base> {
     fn select(&self, chosen: &[usize]) -> Self {
-        let parts: Vec<&Examples> = chosen.iter().map(|&t| self.parts[t]).collect();
-        TaskLoss::new(self.model, &parts, self.inputs.precision(), &self.inputs.device())
+        let parts = chosen.iter().map(|&t| self.parts[t].clone()).collect();
+        TaskLoss::from_parts(self.model, parts, self.inputs.precision(), &self.inputs.device())
+    }
+
+    fn subsample(&self, size: usize, rngs: &mut [ChaCha8Rng]) -> Self {
+        let parts = self
+            .parts
+            .iter()
+            .zip(rngs)
+            .map(|(part, rng)| {
+                let n = part.len();
+                assert!(size >= 1 && size <= n, "a subset of {size} of a task's {n} examples");
+                let mut chosen = rand::seq::index::sample(rng, n, size).into_vec();
+                chosen.sort_unstable();
+                Cow::Owned(part.subset(&chosen))
+            })
+            .collect();
+        TaskLoss::from_parts(self.model, parts, self.inputs.precision(), &self.inputs.device())
     }
 }
 

@@ -12,7 +12,7 @@ use crate::autodiff::tensor::{BaseBackend, Tensor};
 use crate::hypergrad::inner::{InnerLoop, adapt, axpy};
 use crate::hypergrad::maml::sweep;
 use crate::hypergrad::stack::{place_tasks, select_tasks, task_dots};
-use crate::hypergrad::task::SelectTasks;
+use crate::hypergrad::task::TaskSubsets;
 use crate::hypergrad::result::{Hypergradient, UfoDraws};
 
 /// How q is chosen in `ufo`.
@@ -98,7 +98,7 @@ impl QRule {
 pub fn ufo_drawn<Base, S, Q>(support: &S, query: &Q, theta: &[Tensor<Base>], inner: &InnerLoop, draws: &UfoDraws) -> Hypergradient<Base>
 where
     Base: BaseBackend,
-    S: Objective<Base> + SelectTasks,
+    S: Objective<Base> + TaskSubsets,
     Q: Objective<Base>,
 {
     let mut h = ufo_weighted(support, query, theta, inner, &draws.exact, 1.0 / draws.q, draws.observe);
@@ -110,7 +110,7 @@ where
 fn ufo_weighted<Base, S, Q>(support: &S, query: &Q, theta: &[Tensor<Base>], inner: &InnerLoop, exact: &[bool], weight: f64, observe: bool) -> Hypergradient<Base>
 where
     Base: BaseBackend,
-    S: Objective<Base> + SelectTasks,
+    S: Objective<Base> + TaskSubsets,
     Q: Objective<Base>,
 {
     let tasks = support.tasks();
@@ -152,7 +152,7 @@ fn exact_correction<Base: BaseBackend, S: Objective<Base>>(support: &S, iterates
 pub fn ufo<Base, S, Q>(support: &S, query: &Q, theta: &[Tensor<Base>], inner: &InnerLoop, rule: &mut QRule, rng: &mut impl Rng) -> Hypergradient<Base>
 where
     Base: BaseBackend,
-    S: Objective<Base> + SelectTasks,
+    S: Objective<Base> + TaskSubsets,
     Q: Objective<Base>,
 {
     let draws = UfoDraws::draw(rule.q(inner.steps), support.tasks(), matches!(rule, QRule::Adaptive(_)), rng);
@@ -168,7 +168,7 @@ where
 pub fn ufo_mean<Base, S, Q>(support: &S, query: &Q, theta: &[Tensor<Base>], inner: &InnerLoop, q: f64, samples: usize, rng: &mut impl Rng) -> (Hypergradient<Base>, usize)
 where
     Base: BaseBackend,
-    S: Objective<Base> + SelectTasks,
+    S: Objective<Base> + TaskSubsets,
     Q: Objective<Base>,
 {
     let exact_draws = (0..samples).filter(|_| rng.random::<f64>() < q).count();

@@ -171,6 +171,12 @@ pub struct ModeConfig {
     pub neumann_steps: usize,
     /// neumann: the series' step η (fixed-point uses η = train.inner_lr · lambda).
     pub neumann_lr: f64,
+    /// neumann, fixed-point: support examples per task in each Hessian-vector
+    /// product, drawn at random (stocBiO); 0 uses them all.
+    pub hvp_batch: usize,
+    /// neumann, fixed-point: support examples per task in each inner step,
+    /// drawn at random (stochastic implicit differentiation); 0 uses them all.
+    pub inner_batch: usize,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -248,7 +254,7 @@ impl Default for TrainConfig {
 
 impl Default for ModeConfig {
     fn default() -> Self {
-        ModeConfig { name: ModeName::Maml, q_rule: QRuleName::Fixed, q: 0.1, q_min: 0.05, lambda: 1.0, cg_steps: 5, neumann_steps: 10, neumann_lr: 0.4 }
+        ModeConfig { name: ModeName::Maml, q_rule: QRuleName::Fixed, q: 0.1, q_min: 0.05, lambda: 1.0, cg_steps: 5, neumann_steps: 10, neumann_lr: 0.4, hvp_batch: 0, inner_batch: 0 }
     }
 }
 
@@ -309,6 +315,13 @@ impl Config {
 
     pub fn mode(&self) -> Result<Mode> {
         let m = &self.mode;
+        let batch = |b: usize| (b > 0).then_some(b);
+        let support = self.data.way * self.data.shot;
+        for (key, b) in [("mode.hvp_batch", m.hvp_batch), ("mode.inner_batch", m.inner_batch)] {
+            if b > support {
+                bail!("key `{key}` = {b}: a task has only {support} support examples (data.way × data.shot); use at most {support}, or 0 for all");
+            }
+        }
         Ok(match m.name {
             ModeName::Maml => Mode::Maml,
             ModeName::MamlUnrolled => Mode::MamlUnrolled,
@@ -318,8 +331,8 @@ impl Config {
                 QRuleName::Adaptive => Mode::Ufo(QRule::Adaptive(AdaptiveQ::new(m.q_min))),
             },
             ModeName::Implicit => Mode::Implicit { lambda: m.lambda, cg_steps: m.cg_steps },
-            ModeName::Neumann => Mode::Neumann { lambda: m.lambda, steps: m.neumann_steps, lr: m.neumann_lr },
-            ModeName::FixedPoint => Mode::FixedPoint { lambda: m.lambda, steps: m.neumann_steps },
+            ModeName::Neumann => Mode::Neumann { lambda: m.lambda, steps: m.neumann_steps, lr: m.neumann_lr, hvp_batch: batch(m.hvp_batch), inner_batch: batch(m.inner_batch) },
+            ModeName::FixedPoint => Mode::FixedPoint { lambda: m.lambda, steps: m.neumann_steps, hvp_batch: batch(m.hvp_batch), inner_batch: batch(m.inner_batch) },
         })
     }
 

@@ -100,8 +100,8 @@ fn every_mode_equals_the_task_by_task_path() {
         (Mode::Fomaml, InnerLoop { steps: 3, lr: 0.3 }),
         (Mode::Ufo(QRule::Fixed(0.5)), InnerLoop { steps: 2, lr: 0.3 }),
         (Mode::Implicit { lambda: 2.0, cg_steps: 4 }, InnerLoop { steps: 3, lr: 0.1 }),
-        (Mode::Neumann { lambda: 2.0, steps: 4, lr: 0.3 }, InnerLoop { steps: 3, lr: 0.1 }),
-        (Mode::FixedPoint { lambda: 2.0, steps: 4 }, InnerLoop { steps: 3, lr: 0.1 }),
+        (Mode::Neumann { lambda: 2.0, steps: 4, lr: 0.3, hvp_batch: None, inner_batch: None }, InnerLoop { steps: 3, lr: 0.1 }),
+        (Mode::FixedPoint { lambda: 2.0, steps: 4, hvp_batch: None, inner_batch: None }, InnerLoop { steps: 3, lr: 0.1 }),
     ];
     for (mode, inner) in cases {
         let (mut a, mut b) = (mode.clone(), mode.clone());

@@ -7,7 +7,7 @@ use metagrad::autodiff::tensor::{Level, Tensor};
 use metagrad::bench::random_batch;
 use metagrad::hypergrad::implicit::conjugate_gradient_checked;
 use metagrad::hypergrad::neumann::neumann_series;
-use metagrad::hypergrad::{InnerLoop, LinearSolver, Mode, SelectTasks, TaskLoss, estimate, fomaml, implicit_with, maml, proximal_adapt};
+use metagrad::hypergrad::{InnerLoop, LinearSolver, Mode, TaskSubsets, TaskLoss, estimate, fomaml, implicit_with, maml, proximal_adapt};
 use metagrad::models::{Conv4, FunctionalModel};
 
 use crate::common::*;
@@ -23,11 +23,15 @@ impl Objective<Flex> for Quadratic<'_> {
     }
 }
 
-/// One task: its only selection is itself.
-impl SelectTasks for Quadratic<'_> {
+/// One task: its only selection is itself; it has no examples to subsample.
+impl TaskSubsets for Quadratic<'_> {
     fn select(&self, chosen: &[usize]) -> Self {
         assert_eq!(chosen, [0], "a single task");
         Quadratic { d: self.d }
+    }
+
+    fn subsample(&self, _: usize, _: &mut [rand_chacha::ChaCha8Rng]) -> Self {
+        panic!("the quadratic test objective has no examples to subsample")
     }
 }
 
@@ -69,9 +73,9 @@ fn every_estimator_matches_its_closed_form_at_finite_steps() {
         let a = 1.0 + d / lambda;
         c * (1.0 - (1.0 - eta * a).powi(k as i32)) / a
     });
-    let neumann = estimate(&Mode::Neumann { lambda, steps: k, lr: eta }, &support, &query, &theta, &inner, None);
+    let neumann = estimate(&Mode::Neumann { lambda, steps: k, lr: eta, hvp_batch: None, inner_batch: None }, &support, &query, &theta, &inner, None);
     close(&neumann.grad[0].to_vec(), &series(eta), "neumann");
-    let fixed_point = estimate(&Mode::FixedPoint { lambda, steps: k }, &support, &query, &theta, &inner, None);
+    let fixed_point = estimate(&Mode::FixedPoint { lambda, steps: k, hvp_batch: None, inner_batch: None }, &support, &query, &theta, &inner, None);
     close(&fixed_point.grad[0].to_vec(), &series(alpha * lambda), "fixed-point (η = αλ)");
     // CG on 5 distinct eigenvalues is exact after 5 steps: (I + D/λ)⁻¹ c; after 2 it is not.
     let solve = per_coordinate(&|d, c| c / (1.0 + d / lambda));
@@ -89,8 +93,8 @@ fn fixed_point_is_the_neumann_series_with_eta_alpha_lambda() {
     let (sx, qx) = (random_batch(&model, 3, 5), random_batch(&model, 6, 6));
     let (s, q) = (TaskLoss::single(&model, &sx, F64, &DEV), TaskLoss::single(&model, &qx, F64, &DEV));
     let inner = InnerLoop { steps: 2, lr: 0.1 };
-    let a = estimate(&Mode::FixedPoint { lambda: 3.0, steps: 6 }, &s, &q, &theta, &inner, None).grad;
-    let b = estimate(&Mode::Neumann { lambda: 3.0, steps: 6, lr: 0.1 * 3.0 }, &s, &q, &theta, &inner, None).grad;
+    let a = estimate(&Mode::FixedPoint { lambda: 3.0, steps: 6, hvp_batch: None, inner_batch: None }, &s, &q, &theta, &inner, None).grad;
+    let b = estimate(&Mode::Neumann { lambda: 3.0, steps: 6, lr: 0.1 * 3.0, hvp_batch: None, inner_batch: None }, &s, &q, &theta, &inner, None).grad;
     assert_eq!(flatten(&a), flatten(&b));
 }
 
@@ -152,7 +156,7 @@ fn non_positive_curvature_is_reported_with_the_lambda_that_fixes_it() {
     assert!(neumann_series(&support, &phi, &b, 4.0, 10, 0.1).1.is_none());
     // And through a mode, the hypergradient carries it.
     let theta = vec![vector(&[0.1, 0.1, 0.1])];
-    let h = estimate(&Mode::Neumann { lambda: 1.0, steps: 10, lr: 0.1 }, &support, &query, &theta, &InnerLoop { steps: 1, lr: 0.01 }, None);
+    let h = estimate(&Mode::Neumann { lambda: 1.0, steps: 10, lr: 0.1, hvp_batch: None, inner_batch: None }, &support, &query, &theta, &InnerLoop { steps: 1, lr: 0.01 }, None);
     assert!(h.curvature.is_some());
     let _ = proximal_adapt(&support, &theta, &InnerLoop { steps: 1, lr: 0.01 }, 1.0);
 }
@@ -182,4 +186,52 @@ fn estimator_study_rows_fall_to_their_references() {
         assert_eq!(many.stopped_early, 0);
     }
     assert!(format_estimator_table(&rows).contains("implicit (CG to convergence)"));
+}
+
+/// The mean of many stochastic estimates against their deterministic
+/// counterpart: within 4 standard errors (from the sample variance), with a
+/// variance that is not zero.
+fn averages_to(mode: &Mode, deterministic: &Mode, model: &metagrad::models::Mlp, inner: &InnerLoop, samples: usize) {
+    use metagrad::hypergrad::Draws;
+    let mut stream = metagrad::data::sinusoid::SinusoidTasks::new(5);
+    let (_, task) = stream.next_task(10, 10);
+    let theta = model.init::<Flex>(1, F64, &DEV);
+    let (s, q) = (TaskLoss::single(model, &task.support, F64, &DEV), TaskLoss::single(model, &task.query, F64, &DEV));
+    let exact = estimate(deterministic, &s, &q, &theta, inner, None);
+    assert!(exact.curvature.is_none(), "the deterministic solve must converge cleanly");
+    let exact = flatten(&exact.grad);
+    let draws: Vec<Vec<f64>> = (0..samples as u64)
+        .map(|seed| {
+            let h = estimate(mode, &s, &q, &theta, inner, Some(&Draws::Subsets(vec![seed])));
+            assert!(h.curvature.is_none(), "seed {seed}: a stochastic solve stopped early");
+            flatten(&h.grad)
+        })
+        .collect();
+    let n = samples as f64;
+    let mean: Vec<f64> = (0..exact.len()).map(|i| draws.iter().map(|d| d[i]).sum::<f64>() / n).collect();
+    let variance: f64 = draws.iter().map(|d| d.iter().zip(&mean).map(|(a, m)| (a - m).powi(2)).sum::<f64>()).sum::<f64>() / (n - 1.0);
+    let standard_error = (variance / n).sqrt();
+    let error = norm(&mean.iter().zip(&exact).map(|(a, b)| a - b).collect::<Vec<_>>());
+    assert!(variance > 0.0, "{}: the subsets made no difference", mode.name());
+    assert!(error <= 4.0 * standard_error, "{}: ‖mean − deterministic‖ = {error:.3e} exceeds 4 standard errors ({standard_error:.3e})", mode.name());
+}
+
+#[test]
+fn stochastic_hessian_products_average_to_the_deterministic_series() {
+    // stocBiO: E over independent random Hessians of each term is the full one.
+    let mlp = metagrad::models::Mlp::new(&[1, 8, 8, 1]);
+    let inner = InnerLoop { steps: 2, lr: 0.005 };
+    let (lambda, steps, lr) = (50.0, 5, 0.5);
+    let stochastic = Mode::Neumann { lambda, steps, lr, hvp_batch: Some(4), inner_batch: None };
+    averages_to(&stochastic, &Mode::Neumann { lambda, steps, lr, hvp_batch: None, inner_batch: None }, &mlp, &inner, 300);
+}
+
+#[test]
+fn stochastic_inner_steps_average_to_the_deterministic_fixed_point_on_a_quadratic_problem() {
+    // A linear model's squared loss has a constant Hessian and a gradient
+    // linear in the parameters: random inner steps are unbiased there.
+    let linear = metagrad::models::Mlp::new(&[1, 1]);
+    let inner = InnerLoop { steps: 3, lr: 0.02 };
+    let stochastic = Mode::FixedPoint { lambda: 5.0, steps: 5, hvp_batch: None, inner_batch: Some(3) };
+    averages_to(&stochastic, &Mode::FixedPoint { lambda: 5.0, steps: 5, hvp_batch: None, inner_batch: None }, &linear, &inner, 300);
 }

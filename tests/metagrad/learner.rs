@@ -27,8 +27,9 @@ fn every_mode() -> Vec<Mode> {
         Mode::Ufo(QRule::Fixed(0.5)),
         Mode::Ufo(QRule::Adaptive(AdaptiveQ::new(0.5))),
         Mode::Implicit { lambda: 2.0, cg_steps: 4 },
-        Mode::Neumann { lambda: 2.0, steps: 4, lr: 0.02 },
-        Mode::FixedPoint { lambda: 2.0, steps: 4 },
+        Mode::Neumann { lambda: 2.0, steps: 4, lr: 0.02, hvp_batch: None, inner_batch: None },
+        Mode::FixedPoint { lambda: 2.0, steps: 4, hvp_batch: None, inner_batch: None },
+        Mode::Neumann { lambda: 2.0, steps: 4, lr: 0.02, hvp_batch: Some(3), inner_batch: Some(4) },
     ]
 }
 

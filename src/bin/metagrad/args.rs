@@ -138,6 +138,12 @@ pub struct HypergradArgs {
     /// neumann: the series' step η.
     #[arg(long, default_value_t = 0.4)]
     pub neumann_lr: f64,
+    /// neumann, fixed-point: random support examples per Hessian-vector product (stocBiO).
+    #[arg(long)]
+    pub hvp_batch: Option<usize>,
+    /// neumann, fixed-point: random support examples per inner step.
+    #[arg(long)]
+    pub inner_batch: Option<usize>,
     /// ufo: probability of the exact branch.
     #[arg(long, default_value_t = 0.5)]
     pub q: f64,
@@ -163,8 +169,8 @@ impl HypergradArgs {
             "ufo" => Mode::Ufo(QRule::Fixed(self.q)),
             "ufo-adaptive" => Mode::Ufo(QRule::Adaptive(AdaptiveQ::new(0.05))),
             "implicit" => Mode::Implicit { lambda: self.lambda, cg_steps: self.cg_steps },
-            "neumann" => Mode::Neumann { lambda: self.lambda, steps: self.neumann_steps, lr: self.neumann_lr },
-            "fixed-point" => Mode::FixedPoint { lambda: self.lambda, steps: self.neumann_steps },
+            "neumann" => Mode::Neumann { lambda: self.lambda, steps: self.neumann_steps, lr: self.neumann_lr, hvp_batch: self.hvp_batch, inner_batch: self.inner_batch },
+            "fixed-point" => Mode::FixedPoint { lambda: self.lambda, steps: self.neumann_steps, hvp_batch: self.hvp_batch, inner_batch: self.inner_batch },
             other => bail!("unknown mode '{other}': expected one of {}", Mode::NAMES),
         })
     }

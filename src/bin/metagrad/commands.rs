@@ -397,7 +397,7 @@ pub fn bench_autodiff(args: &BackendArgs, iters: usize, warmup: usize, json: Opt
 pub fn bench_estimators(args: crate::args::EstimatorArgs) -> Result<()> {
     use metagrad::bench::estimators::{EstimatorStudy, format_estimator_table, plot_estimators};
     let inner = InnerLoop { steps: args.inner_steps, lr: args.inner_lr };
-    Mode::Neumann { lambda: args.lambda, steps: 1, lr: args.neumann_lr }.validate(&inner)?;
+    Mode::Neumann { lambda: args.lambda, steps: 1, lr: args.neumann_lr, hvp_batch: None, inner_batch: None }.validate(&inner)?;
     if args.episodes == 0 || args.seeds == 0 || args.steps.contains(&0) {
         bail!("--episodes, --seeds and every --steps value must be at least 1");
     }
