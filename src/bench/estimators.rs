@@ -35,9 +35,16 @@ pub struct EstimatorStudy {
     pub neumann_lr: f64,
     /// Cost knob values: K for CG and the series.
     pub steps: Vec<usize>,
-    /// ufo's q values, and the seeds each is drawn with.
+    /// ufo's q values, and the seeds each (and each stochastic row) is drawn with.
     pub qs: Vec<f64>,
     pub seeds: u64,
+    /// The stochastic neumann rows: random support examples per
+    /// Hessian-vector product (stocBiO), at `stochastic_steps` terms.
+    pub hvp_batches: Vec<usize>,
+    pub stochastic_steps: usize,
+    /// Their series step: subset Hessians have larger curvature than the
+    /// full one, so they need a smaller η (the rows say when it is too large).
+    pub stochastic_lr: f64,
 }
 
 /// One estimator at one setting of its knob.
@@ -85,6 +92,11 @@ impl EstimatorStudy {
             rows.push(self.row("implicit (CG)", &format!("K = {k}"), Mode::Implicit { lambda, cg_steps: k }, &tasks, &theta, reference, 1));
             rows.push(self.row("neumann", &format!("K = {k}"), Mode::Neumann { lambda, steps: k, lr: self.neumann_lr, hvp_batch: None, inner_batch: None }, &tasks, &theta, reference, 1));
             rows.push(self.row("fixed-point", &format!("K = {k}"), Mode::FixedPoint { lambda, steps: k, hvp_batch: None, inner_batch: None }, &tasks, &theta, reference, 1));
+        }
+        for &b in &self.hvp_batches {
+            let mode = Mode::Neumann { lambda, steps: self.stochastic_steps, lr: self.stochastic_lr, hvp_batch: Some(b), inner_batch: None };
+            let setting = format!("K = {}, b = {b}, η = {}", self.stochastic_steps, self.stochastic_lr);
+            rows.push(self.row("neumann (stochastic)", &setting, mode, &tasks, &theta, ("implicit (CG to convergence)", implicit_ref.as_slice()), self.seeds));
         }
         rows
     }
@@ -134,11 +146,11 @@ impl EstimatorStudy {
 }
 
 pub fn format_estimator_table(rows: &[EstimatorRow]) -> String {
-    let mut out = format!("{:<16} {:<10} {:>12} {:>10} {:>7} {:>9} {:>9} {:>8}  reference\n", "estimator", "setting", "rel. error", "spread", "HVPs", "ms/task", "peak MiB", "stopped");
+    let mut out = format!("{:<20} {:<20} {:>12} {:>10} {:>7} {:>9} {:>9} {:>8}  reference\n", "estimator", "setting", "rel. error", "spread", "HVPs", "ms/task", "peak MiB", "stopped");
     for r in rows {
         let memory = r.peak_memory_mib.map_or("-".to_string(), |m| format!("{m:.0}"));
         out += &format!(
-            "{:<16} {:<10} {:>12.3e} {:>10.1e} {:>7.1} {:>9.1} {:>9} {:>8}  {}\n",
+            "{:<20} {:<20} {:>12.3e} {:>10.1e} {:>7.1} {:>9.1} {:>9} {:>8}  {}\n",
             r.estimator, r.setting, r.relative_error, r.error_spread, r.hvps, r.ms_per_task, memory, r.stopped_early, r.reference
         );
     }

@@ -173,6 +173,9 @@ fn estimator_study_rows_fall_to_their_references() {
         steps: vec![1, 4, 40],
         qs: vec![0.5, 1.0],
         seeds: 2,
+        hvp_batches: vec![2],
+        stochastic_steps: 4,
+        stochastic_lr: 0.3,
     };
     let rows = study.run();
     let row = |estimator: &str, setting: &str| rows.iter().find(|r| r.estimator == estimator && r.setting == setting).unwrap_or_else(|| panic!("no row {estimator} {setting}"));
@@ -185,6 +188,8 @@ fn estimator_study_rows_fall_to_their_references() {
         assert!(many.relative_error < 1e-6 && many.relative_error < one.relative_error, "{name}: {} → {}", one.relative_error, many.relative_error);
         assert_eq!(many.stopped_early, 0);
     }
+    let stochastic = row("neumann (stochastic)", "K = 4, b = 2, η = 0.3");
+    assert!(stochastic.error_spread > 0.0 && stochastic.hvps == 3.0, "random subsets: spread {}", stochastic.error_spread);
     assert!(format_estimator_table(&rows).contains("implicit (CG to convergence)"));
 }
 

@@ -409,9 +409,18 @@ pub struct EstimatorArgs {
     /// q of the ufo rows, comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "0.1,0.25,0.5,1")]
     pub qs: Vec<f64>,
-    /// Seeds of ufo's draws per q.
+    /// Seeds of ufo's draws per q, and of each stochastic row's subsets.
     #[arg(long, default_value_t = 32)]
     pub seeds: u64,
+    /// Support examples per Hessian-vector product of the stochastic neumann rows.
+    #[arg(long, value_delimiter = ',', default_value = "3,4")]
+    pub hvp_batches: Vec<usize>,
+    /// Terms of the stochastic neumann rows.
+    #[arg(long, default_value_t = 16)]
+    pub stochastic_steps: usize,
+    /// Series step η of the stochastic neumann rows.
+    #[arg(long, default_value_t = 0.5)]
+    pub stochastic_lr: f64,
     #[arg(long)]
     pub json: Option<PathBuf>,
     /// The error-against-cost figure.

@@ -397,16 +397,21 @@ pub fn bench_autodiff(args: &BackendArgs, iters: usize, warmup: usize, json: Opt
 pub fn bench_estimators(args: crate::args::EstimatorArgs) -> Result<()> {
     use metagrad::bench::estimators::{EstimatorStudy, format_estimator_table, plot_estimators};
     let inner = InnerLoop { steps: args.inner_steps, lr: args.inner_lr };
-    Mode::Neumann { lambda: args.lambda, steps: 1, lr: args.neumann_lr, hvp_batch: None, inner_batch: None }.validate(&inner)?;
-    if args.episodes == 0 || args.seeds == 0 || args.steps.contains(&0) {
-        bail!("--episodes, --seeds and every --steps value must be at least 1");
+    for lr in [args.neumann_lr, args.stochastic_lr] {
+        Mode::Neumann { lambda: args.lambda, steps: 1, lr, hvp_batch: None, inner_batch: None }.validate(&inner)?;
+    }
+    if args.episodes == 0 || args.seeds == 0 || args.stochastic_steps == 0 || args.steps.contains(&0) {
+        bail!("--episodes, --seeds, --stochastic-steps and every --steps value must be at least 1");
+    }
+    if let Some(b) = args.hvp_batches.iter().find(|&&b| b == 0 || b > args.way) {
+        bail!("--hvp-batches: b = {b}; a task has {} support examples (1-shot), so use 1 to {}", args.way, args.way);
     }
     if let Some(q) = args.qs.iter().find(|q| !(**q > 0.0 && **q <= 1.0)) {
         bail!("--qs: q = {q} is not in (0, 1]");
     }
     let model = Conv4 { channels: args.channels, ..Conv4::omniglot(args.way) };
     eprintln!("comparing hypergradient estimators on {} (f64, cpu), {} episodes", model.describe(), args.episodes);
-    let study = EstimatorStudy { model, episodes: args.episodes, inner, lambda: args.lambda, neumann_lr: args.neumann_lr, steps: args.steps, qs: args.qs, seeds: args.seeds };
+    let study = EstimatorStudy { model, episodes: args.episodes, inner, lambda: args.lambda, neumann_lr: args.neumann_lr, steps: args.steps, qs: args.qs, seeds: args.seeds, hvp_batches: args.hvp_batches, stochastic_steps: args.stochastic_steps, stochastic_lr: args.stochastic_lr };
     let rows = study.run();
     plot_estimators(&rows, &args.png)?;
     eprintln!("wrote {}", args.png.display());
