@@ -187,7 +187,7 @@ impl OnBackend for AutodiffBench {
                     let _ = hvp(&support_loss, &theta, &direction);
                 }),
                 case("maml step (exact, r=1)", &mut || {
-                    let _ = maml(&support_loss, &query_loss, &theta, &InnerLoop { steps: 1, lr: 0.4 });
+                    let _ = maml(&support_loss, &query_loss, &theta, &InnerLoop::new(1, 0.4));
                 }),
             ];
             let gradient_ms = cases[0].1;
@@ -277,7 +277,7 @@ impl OnBackend for HypergradBench {
             let theta = model.init::<B>(0, precision, &device);
             let task = Task { support: random_batch(&model, shape.support, 1), query: random_batch(&model, shape.query, 2) };
             for &steps in &self.steps {
-                let inner = InnerLoop { steps, lr: 0.1 };
+                let inner = InnerLoop::new(steps, 0.1);
                 let mut modes = vec![Mode::Maml, Mode::Fomaml, Mode::Ufo(QRule::Fixed(self.ufo_q)), Mode::Implicit { lambda: 2.0, cg_steps: 5 }];
                 if steps <= self.unrolled_max_steps {
                     modes.insert(1, Mode::MamlUnrolled);

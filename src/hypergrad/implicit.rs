@@ -9,7 +9,7 @@ use rand_chacha::ChaCha8Rng;
 
 use crate::autodiff::diff::{Objective, evaluate_and_grad, hvp};
 use crate::autodiff::tensor::{BaseBackend, Tensor};
-use crate::hypergrad::inner::{InnerLoop, axpy, proximal_adapt, proximal_adapt_sampled};
+use crate::hypergrad::inner::{Adapted, InnerLoop, axpy, proximal_adapt, proximal_adapt_sampled};
 use crate::hypergrad::neumann::neumann_series_of;
 use crate::hypergrad::result::{CurvatureWarning, Hypergradient};
 use crate::hypergrad::task::TaskSubsets;
@@ -33,11 +33,8 @@ pub fn implicit<Base: BaseBackend, S: Objective<Base>, Q: Objective<Base>>(suppo
 /// when the solver met non-positive curvature.
 pub fn implicit_with<Base: BaseBackend, S: Objective<Base>, Q: Objective<Base>>(support: &S, query: &Q, theta: &[Tensor<Base>], inner: &InnerLoop, lambda: f64, solver: LinearSolver) -> Hypergradient<Base> {
     let phi = proximal_adapt(support, theta, inner, lambda);
-    let mut apply = |v: &[Tensor<Base>]| {
-        let (_, _, hv) = hvp(support, &phi, v);
-        axpy(v, 1.0 / lambda, &hv)
-    };
-    solved(query, phi.clone(), &mut apply, support.tasks(), lambda, solver)
+    let mut hessian = |v: &[Tensor<Base>]| hvp(support, &phi, v).2;
+    solved(query, phi.clone(), &mut hessian, support.tasks(), lambda, solver, inner)
 }
 
 /// Random example subsets for the stochastic implicit modes: each
@@ -65,22 +62,33 @@ where
         Some(size) => proximal_adapt_sampled(support, theta, inner, lambda, size, &mut rngs),
         None => proximal_adapt(support, theta, inner, lambda),
     };
-    let mut apply = |v: &[Tensor<Base>]| {
-        let (_, _, hv) = match sampling.hvp_batch {
-            Some(size) => hvp(&support.subsample(size, &mut rngs), &phi, v),
-            None => hvp(support, &phi, v),
-        };
-        axpy(v, 1.0 / lambda, &hv)
+    let mut hessian = |v: &[Tensor<Base>]| match sampling.hvp_batch {
+        Some(size) => hvp(&support.subsample(size, &mut rngs), &phi, v).2,
+        None => hvp(support, &phi, v).2,
     };
-    solved(query, phi.clone(), &mut apply, support.tasks(), lambda, solver)
+    solved(query, phi.clone(), &mut hessian, support.tasks(), lambda, solver, inner)
 }
 
-/// ∇L_q at φ, and the system solved by `solver` with the product `apply`.
-fn solved<Base: BaseBackend, Q: Objective<Base>>(query: &Q, phi: Vec<Tensor<Base>>, apply: &mut dyn FnMut(&[Tensor<Base>]) -> Vec<Tensor<Base>>, tasks: usize, lambda: f64, solver: LinearSolver) -> Hypergradient<Base> {
+/// ∇L_q at φ, and the system (I + MHM/λ) x = M∇L_q solved by `solver` with
+/// the Hessian product `hessian`, M the mask of adapted parameters. With
+/// every parameter adapted g = x; otherwise the parameters held at θ in the
+/// inner loop get ∇L_q − (Hx)/λ, their effect through the adapted ones.
+fn solved<Base: BaseBackend, Q: Objective<Base>>(query: &Q, phi: Vec<Tensor<Base>>, hessian: &mut dyn FnMut(&[Tensor<Base>]) -> Vec<Tensor<Base>>, tasks: usize, lambda: f64, solver: LinearSolver, inner: &InnerLoop) -> Hypergradient<Base> {
     let (evaluation, g_query) = evaluate_and_grad(query, &phi);
-    let (grad, curvature) = match solver {
-        LinearSolver::ConjugateGradient { steps } => conjugate_gradient_of(apply, tasks, &g_query, lambda, steps),
-        LinearSolver::Neumann { steps, lr } => neumann_series_of(apply, tasks, &g_query, lambda, steps, lr),
+    let adapted = inner.adapted;
+    let mut apply = |v: &[Tensor<Base>]| axpy(v, 1.0 / lambda, &adapted.mask(&hessian(v)));
+    let b = adapted.mask(&g_query);
+    let (x, curvature) = match solver {
+        LinearSolver::ConjugateGradient { steps } => conjugate_gradient_of(&mut apply, tasks, &b, lambda, steps),
+        LinearSolver::Neumann { steps, lr } => neumann_series_of(&mut apply, tasks, &b, lambda, steps, lr),
+    };
+    let grad = match adapted {
+        Adapted::All => x,
+        Adapted::Last(_) => {
+            let held = axpy(&g_query, -1.0 / lambda, &hessian(&x));
+            let n = x.len();
+            x.into_iter().zip(held).enumerate().map(|(i, (xi, hi))| if adapted.includes(i, n) { xi } else { hi }).collect()
+        }
     };
     let mut h = Hypergradient::new(grad, evaluation, phi);
     h.curvature = curvature;

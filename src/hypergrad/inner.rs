@@ -7,16 +7,61 @@ use crate::autodiff::diff::{Objective, value_and_grad};
 use crate::autodiff::tensor::{BaseBackend, Level, Tensor};
 use crate::hypergrad::task::TaskSubsets;
 
-/// The inner loop: number of gradient steps on the support set, and their size.
+/// The inner loop: number of gradient steps on the support set, their size,
+/// and which parameters they adapt.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub struct InnerLoop {
     pub steps: usize,
     pub lr: f64,
+    #[serde(default)]
+    pub adapted: Adapted,
+}
+
+impl InnerLoop {
+    /// `steps` steps of size `lr` on every parameter.
+    pub fn new(steps: usize, lr: f64) -> Self {
+        InnerLoop { steps, lr, adapted: Adapted::All }
+    }
+}
+
+/// Which parameters the inner loop adapts; the others stay at θ in the inner
+/// loop and are trained by the outer update alone (through the hypergradient,
+/// which includes their effect on the adapted ones).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Adapted {
+    #[default]
+    All,
+    /// The last n parameter tensors: a model's head (ANIL, hyper-representation).
+    Last(usize),
+}
+
+impl Adapted {
+    /// Whether parameter `index` of `count` is adapted.
+    pub fn includes(self, index: usize, count: usize) -> bool {
+        match self {
+            Adapted::All => true,
+            Adapted::Last(n) => index + n >= count,
+        }
+    }
+
+    /// M·v: `v` with the tensors that are not adapted zeroed (`v` itself for All).
+    pub fn mask<B: Level>(self, v: &[Tensor<B>]) -> Vec<Tensor<B>> {
+        match self {
+            Adapted::All => v.to_vec(),
+            Adapted::Last(_) => v.iter().enumerate().map(|(i, t)| if self.includes(i, v.len()) { t.clone() } else { t.mul_scalar(0.0) }).collect(),
+        }
+    }
 }
 
 /// θ − α·g, tensor by tensor.
 pub fn sgd_step<B: Level>(params: &[Tensor<B>], grads: &[Tensor<B>], lr: f64) -> Vec<Tensor<B>> {
     axpy(params, -lr, grads)
+}
+
+/// One inner step: φ − α·g on the adapted parameters, the rest unchanged.
+pub fn inner_step<B: Level>(phi: &[Tensor<B>], grads: &[Tensor<B>], inner: &InnerLoop) -> Vec<Tensor<B>> {
+    let n = phi.len();
+    phi.iter().zip(grads).enumerate().map(|(i, (p, g))| if inner.adapted.includes(i, n) { p.add(&g.mul_scalar(-inner.lr)) } else { p.clone() }).collect()
 }
 
 /// a + s·b, tensor by tensor.
@@ -30,7 +75,7 @@ pub fn adapt<Base: BaseBackend, S: Objective<Base>>(support: &S, theta: &[Tensor
     for _ in 0..inner.steps {
         let phi = iterates.last().expect("at least θ");
         let (_, g) = value_and_grad(support, phi);
-        iterates.push(sgd_step(phi, &g, inner.lr));
+        iterates.push(inner_step(phi, &g, inner));
     }
     iterates
 }
@@ -40,7 +85,7 @@ pub fn adapted<Base: BaseBackend, S: Objective<Base>>(support: &S, theta: &[Tens
     let mut phi = theta.to_vec();
     for _ in 0..inner.steps {
         let (_, g) = value_and_grad(support, &phi);
-        phi = sgd_step(&phi, &g, inner.lr);
+        phi = inner_step(&phi, &g, inner);
     }
     phi
 }
@@ -87,7 +132,7 @@ pub fn proximal_adapt_sampled<Base: BaseBackend, S: Objective<Base> + TaskSubset
     for _ in 0..inner.steps {
         let sampled = support.subsample(size, rngs);
         let (_, g) = value_and_grad(&Proximal { support: &sampled, theta, lambda }, &phi);
-        phi = sgd_step(&phi, &g, inner.lr);
+        phi = inner_step(&phi, &g, inner);
     }
     phi
 }

@@ -35,7 +35,7 @@ pub mod ufo;
 
 pub use fomaml::fomaml;
 pub use implicit::{LinearSolver, Sampling, conjugate_gradient, implicit, implicit_sampled, implicit_with};
-pub use inner::{InnerLoop, adapt, adapted, axpy, meta_loss, proximal_adapt, sgd_step};
+pub use inner::{Adapted, InnerLoop, adapt, adapted, axpy, inner_step, meta_loss, proximal_adapt, sgd_step};
 pub use maml::{maml, maml_unrolled};
 pub use meta_batch::{Batching, MetaGradient, TaskScores, meta_gradient, task_hypergradient};
 pub use mode::{Mode, estimate, hypergradient};

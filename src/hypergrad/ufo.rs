@@ -122,13 +122,13 @@ where
     let (grad, observations) = if chosen.is_empty() {
         (g_fo, vec![])
     } else if chosen.len() == tasks {
-        let (correction, observations) = exact_correction(support, &iterates, &g_fo, inner.lr, observe);
+        let (correction, observations) = exact_correction(support, &iterates, &g_fo, inner, observe);
         (axpy(&g_fo, weight, &correction), observations)
     } else {
         // The sweep over the chosen tasks' support sets and stored iterates only.
         let chosen_iterates: Vec<Vec<Tensor<Base>>> = iterates.iter().map(|phi_j| select_tasks(phi_j, tasks, &chosen)).collect();
         let g_fo_chosen = select_tasks(&g_fo, tasks, &chosen);
-        let (correction, observations) = exact_correction(&support.select(&chosen), &chosen_iterates, &g_fo_chosen, inner.lr, observe);
+        let (correction, observations) = exact_correction(&support.select(&chosen), &chosen_iterates, &g_fo_chosen, inner, observe);
         (axpy(&g_fo, weight, &place_tasks(&correction, tasks, &chosen)), observations)
     };
     let mut h = Hypergradient::new(grad, evaluation, phi_r);
@@ -139,9 +139,9 @@ where
 
 /// g_maml − g_fo by MAML's sweep from g_fo, and when `observe`, per task
 /// (D², V²) = (‖g_maml − g_fo‖², ‖g_maml‖²).
-fn exact_correction<Base: BaseBackend, S: Objective<Base>>(support: &S, iterates: &[Vec<Tensor<Base>>], g_fo: &[Tensor<Base>], lr: f64, observe: bool) -> (Vec<Tensor<Base>>, Vec<(f64, f64)>) {
+fn exact_correction<Base: BaseBackend, S: Objective<Base>>(support: &S, iterates: &[Vec<Tensor<Base>>], g_fo: &[Tensor<Base>], inner: &InnerLoop, observe: bool) -> (Vec<Tensor<Base>>, Vec<(f64, f64)>) {
     let tasks = support.tasks();
-    let g_maml = sweep(support, iterates, g_fo.to_vec(), lr);
+    let g_maml = sweep(support, iterates, g_fo.to_vec(), inner);
     let correction: Vec<Tensor<Base>> = g_maml.iter().zip(g_fo).map(|(m, f)| m.sub(f)).collect();
     let observations = if observe { task_dots(&correction, &correction, tasks).into_iter().zip(task_dots(&g_maml, &g_maml, tasks)).collect() } else { vec![] };
     (correction, observations)

@@ -6,7 +6,7 @@
 //! let device = Default::default();
 //! let model = Mlp::sinusoid();
 //! let theta = model.init::<Cpu>(0, Precision::F32, &device);
-//! let inner = InnerLoop { steps: 1, lr: 0.01 };
+//! let inner = InnerLoop::new(1, 0.01);
 //! let mut learner = MetaLearner::new(model, theta, Mode::Maml, inner, 1e-3)?;
 //! let batch: Vec<&Task> = tasks.iter().collect();
 //! let scores = learner.step(&batch);          // meta-gradient + Adam

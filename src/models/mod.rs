@@ -89,6 +89,12 @@ pub trait FunctionalModel: Sync {
         Params::new(shapes.into_iter().map(|(n, _)| n).collect(), tensors)
     }
 
+    /// How many of the last parameter tensors form the head that head-only
+    /// adaptation adapts (ANIL): the final linear layer's weight and bias.
+    fn head_parameters(&self) -> usize {
+        2
+    }
+
     /// Key-value pairs written into saved parameter files, describing the model.
     fn metadata(&self) -> BTreeMap<String, String> {
         BTreeMap::new()

@@ -11,7 +11,8 @@ use crate::autodiff::backend::BackendKind;
 use crate::autodiff::tensor::Precision;
 use crate::data::EpisodeShape;
 use crate::data::dataset::{DatasetKind, DatasetSpec};
-use crate::hypergrad::{AdaptiveQ, InnerLoop, Mode, QRule};
+use crate::hypergrad::{AdaptiveQ, Adapted, InnerLoop, Mode, QRule};
+use crate::models::FunctionalModel;
 use crate::models::conv4::Conv4;
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -58,6 +59,14 @@ impl From<BackendKind> for BackendChoice {
             BackendKind::Cuda => BackendChoice::Cuda,
         }
     }
+}
+
+/// `train.inner_params`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum InnerParams {
+    All,
+    Head,
 }
 
 /// Whether a meta-batch runs as one stacked network.
@@ -139,6 +148,10 @@ pub struct TrainConfig {
     pub inner_lr: f64,
     /// Clip the meta-gradient's global norm to this value; 0 turns clipping off.
     pub grad_clip: f64,
+    /// Which parameters the inner loop adapts: all, or only the head (the
+    /// final linear layer; ANIL). The trunk is then trained by the outer
+    /// update alone, through the hypergradient.
+    pub inner_params: InnerParams,
     /// Meta-iterations of first-order (fomaml) updates before the selected mode takes over.
     pub first_order_warmup: usize,
     /// on: run the meta-batch as one stacked network (grouped convolutions);
@@ -245,6 +258,7 @@ impl Default for TrainConfig {
             inner_steps: 1,
             inner_lr: 0.4,
             grad_clip: 0.0,
+            inner_params: InnerParams::All,
             first_order_warmup: 0,
             task_batching: TaskBatching::Auto,
             divergence_factor: 1e4,
@@ -337,11 +351,18 @@ impl Config {
     }
 
     pub fn inner(&self) -> InnerLoop {
-        InnerLoop { steps: self.train.inner_steps, lr: self.train.inner_lr }
+        InnerLoop { steps: self.train.inner_steps, lr: self.train.inner_lr, adapted: self.adapted() }
     }
 
     pub fn eval_inner(&self) -> InnerLoop {
-        InnerLoop { steps: self.eval.inner_steps, lr: self.train.inner_lr }
+        InnerLoop { steps: self.eval.inner_steps, lr: self.train.inner_lr, adapted: self.adapted() }
+    }
+
+    fn adapted(&self) -> Adapted {
+        match self.train.inner_params {
+            InnerParams::All => Adapted::All,
+            InnerParams::Head => Adapted::Last(self.model().map_or(2, |m| m.head_parameters())),
+        }
     }
 
     pub fn episode_shape(&self) -> EpisodeShape {

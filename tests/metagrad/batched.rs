@@ -95,13 +95,13 @@ fn every_mode_equals_the_task_by_task_path() {
     let ts = tasks(&eps);
     let theta = MODEL.init::<Cpu>(7, F64, &DEV);
     let cases: Vec<(Mode, InnerLoop)> = vec![
-        (Mode::Maml, InnerLoop { steps: 2, lr: 0.3 }),
-        (Mode::MamlUnrolled, InnerLoop { steps: 2, lr: 0.3 }),
-        (Mode::Fomaml, InnerLoop { steps: 3, lr: 0.3 }),
-        (Mode::Ufo(QRule::Fixed(0.5)), InnerLoop { steps: 2, lr: 0.3 }),
-        (Mode::Implicit { lambda: 2.0, cg_steps: 4 }, InnerLoop { steps: 3, lr: 0.1 }),
-        (Mode::Neumann { lambda: 2.0, steps: 4, lr: 0.3, hvp_batch: None, inner_batch: None }, InnerLoop { steps: 3, lr: 0.1 }),
-        (Mode::FixedPoint { lambda: 2.0, steps: 4, hvp_batch: None, inner_batch: None }, InnerLoop { steps: 3, lr: 0.1 }),
+        (Mode::Maml, InnerLoop::new(2, 0.3)),
+        (Mode::MamlUnrolled, InnerLoop::new(2, 0.3)),
+        (Mode::Fomaml, InnerLoop::new(3, 0.3)),
+        (Mode::Ufo(QRule::Fixed(0.5)), InnerLoop::new(2, 0.3)),
+        (Mode::Implicit { lambda: 2.0, cg_steps: 4 }, InnerLoop::new(3, 0.1)),
+        (Mode::Neumann { lambda: 2.0, steps: 4, lr: 0.3, hvp_batch: None, inner_batch: None }, InnerLoop::new(3, 0.1)),
+        (Mode::FixedPoint { lambda: 2.0, steps: 4, hvp_batch: None, inner_batch: None }, InnerLoop::new(3, 0.1)),
     ];
     for (mode, inner) in cases {
         let (mut a, mut b) = (mode.clone(), mode.clone());
@@ -127,7 +127,7 @@ fn parallel_task_by_task_path_equals_the_stacked_one() {
     let eps = episodes(5, 8);
     let ts = tasks(&eps);
     let theta = MODEL.init::<Cpu>(2, F64, &DEV);
-    let inner = InnerLoop { steps: 2, lr: 0.3 };
+    let inner = InnerLoop::new(2, 0.3);
     let cases = vec![
         Mode::Maml,
         Mode::Fomaml,
@@ -158,7 +158,7 @@ fn adaptive_ufo_observes_every_exact_task() {
     let eps = episodes(5, 4);
     let ts = tasks(&eps);
     let theta = MODEL.init::<Cpu>(1, F64, &DEV);
-    let inner = InnerLoop { steps: 2, lr: 0.3 };
+    let inner = InnerLoop::new(2, 0.3);
     let mut mode = Mode::Ufo(QRule::Adaptive(AdaptiveQ::new(0.6)));
     let (got, _) = meta(&mut mode, &MODEL, &ts, &theta, &inner, Batching::Stacked, &mut ChaCha8Rng::seed_from_u64(5));
     // The same observations made from each exact task's own fomaml and maml gradients.
@@ -217,10 +217,10 @@ fn native_kernels_give_the_reference_hypergradient_for_every_mode() {
     let ts = tasks(&eps);
     let theta = WIDE.init::<Cpu>(5, F64, &DEV);
     let cases: Vec<(Mode, InnerLoop)> = vec![
-        (Mode::Maml, InnerLoop { steps: 2, lr: 0.3 }),
-        (Mode::Fomaml, InnerLoop { steps: 2, lr: 0.3 }),
-        (Mode::Ufo(QRule::Fixed(0.5)), InnerLoop { steps: 2, lr: 0.3 }),
-        (Mode::Implicit { lambda: 2.0, cg_steps: 3 }, InnerLoop { steps: 2, lr: 0.1 }),
+        (Mode::Maml, InnerLoop::new(2, 0.3)),
+        (Mode::Fomaml, InnerLoop::new(2, 0.3)),
+        (Mode::Ufo(QRule::Fixed(0.5)), InnerLoop::new(2, 0.3)),
+        (Mode::Implicit { lambda: 2.0, cg_steps: 3 }, InnerLoop::new(2, 0.1)),
     ];
     for (mode, inner) in cases {
         for stacked in [false, true] {

@@ -33,7 +33,7 @@ fn maml_unrolled_equals_maml_sweep_on_both_dataset_shapes() {
         let (theta, task) = task(&model, support, query, 1);
         let (s, q) = losses(&model, &task);
         for steps in [1, 3, 5] {
-            let inner = InnerLoop { steps, lr: 0.1 };
+            let inner = InnerLoop::new(steps, 0.1);
             let a = maml_unrolled(&s, &q, &theta, &inner);
             let b = maml(&s, &q, &theta, &inner);
             let err = relative_error(&flatten(&b.grad), &flatten(&a.grad));
@@ -48,7 +48,7 @@ fn maml_matches_finite_differences_of_the_meta_loss_at_three_steps() {
     let model = tiny();
     let (theta, task) = task(&model, 5, 10, 2);
     let (s, q) = losses(&model, &task);
-    let inner = InnerLoop { steps: 3, lr: 0.3 };
+    let inner = InnerLoop::new(3, 0.3);
     let g = maml(&s, &q, &theta, &inner).grad;
     let gnorm = norm(&flatten(&g));
     let mut r = rng(20);
@@ -65,7 +65,7 @@ fn fomaml_equals_burns_single_level_gradient_at_the_adapted_weights() {
     let model = tiny();
     let (theta, task) = task(&model, 5, 10, 3);
     let (s, q) = losses(&model, &task);
-    let inner = InnerLoop { steps: 2, lr: 0.3 };
+    let inner = InnerLoop::new(2, 0.3);
     let fo = fomaml(&s, &q, &theta, &inner);
     // Independently: φ_r, then one plain Autodiff<Flex> backward of L_q.
     let phi_r = adapt(&s, &theta, &inner).pop().unwrap();
@@ -82,7 +82,7 @@ fn ufo_with_q_one_is_maml() {
     let model = tiny();
     let (theta, task) = task(&model, 5, 10, 4);
     let (s, q) = losses(&model, &task);
-    let inner = InnerLoop { steps: 2, lr: 0.3 };
+    let inner = InnerLoop::new(2, 0.3);
     let mut rule = QRule::Fixed(1.0);
     let mut rng = ChaCha8Rng::seed_from_u64(0);
     for _ in 0..3 {
@@ -101,7 +101,7 @@ fn ufo_is_unbiased_mean_of_many_estimates_converges_to_maml() {
     let model = tiny();
     let (theta, task) = task(&model, 5, 10, 5);
     let (s, q) = losses(&model, &task);
-    let inner = InnerLoop { steps: 2, lr: 0.3 };
+    let inner = InnerLoop::new(2, 0.3);
     let exact = flatten(&maml(&s, &q, &theta, &inner).grad);
     let first_order = flatten(&fomaml(&s, &q, &theta, &inner).grad);
     let mut rule = QRule::Fixed(0.2);
@@ -125,7 +125,7 @@ fn ufo_mean_helper_matches_averaging_individual_estimates() {
     let model = tiny();
     let (theta, task) = task(&model, 5, 10, 6);
     let (s, q) = losses(&model, &task);
-    let inner = InnerLoop { steps: 1, lr: 0.3 };
+    let inner = InnerLoop::new(1, 0.3);
     let (mean, exact_draws) = ufo_mean(&s, &q, &theta, &inner, 0.3, 50, &mut ChaCha8Rng::seed_from_u64(1));
     let mut rule = QRule::Fixed(0.3);
     let mut rng = ChaCha8Rng::seed_from_u64(1);
@@ -164,7 +164,7 @@ fn adaptive_ufo_updates_its_state_on_exact_samples_only() {
     let model = tiny();
     let (theta, task) = task(&model, 5, 10, 8);
     let (s, q) = losses(&model, &task);
-    let inner = InnerLoop { steps: 1, lr: 0.3 };
+    let inner = InnerLoop::new(1, 0.3);
     let mut rule = QRule::Adaptive(AdaptiveQ::new(0.5));
     let mut rng = ChaCha8Rng::seed_from_u64(3);
     let mut exact = 0;
@@ -230,7 +230,7 @@ fn implicit_matches_the_exact_solution_of_the_linear_system() {
     let spectral_bound = h0.iter().flatten().map(|v| v * v).sum::<f64>().sqrt();
     // λ above ‖H‖ keeps the proximal problem strongly convex, as iMAML assumes.
     let lambda = 1.5 * spectral_bound;
-    let inner = InnerLoop { steps: 200, lr: 1.0 / (lambda + spectral_bound) };
+    let inner = InnerLoop::new(200, 1.0 / (lambda + spectral_bound));
     let implicit_result = implicit(&s, &q, &theta, &inner, lambda, n);
     let phi = proximal_adapt(&s, &theta, &inner, lambda);
     let h = explicit_hessian(&s, &phi);
@@ -273,7 +273,7 @@ fn implicit_is_the_exact_hypergradient_when_the_inner_problem_converges() {
     let q = Softmax { features: &xq, one_hot: &yq };
     let theta = vec![random_tensor(&mut r, &[classes, dim], 0.5), random_tensor(&mut r, &[classes], 0.5)];
     let lambda = 0.5;
-    let inner = InnerLoop { steps: 400, lr: 0.5 };
+    let inner = InnerLoop::new(400, 0.5);
     let result = implicit(&s, &q, &theta, &inner, lambda, 40);
     let meta = |t: &[Tensor<Flex>]| q.eval(&proximal_adapt(&s, t, &inner, lambda)).item();
     let gnorm = norm(&flatten(&result.grad));
@@ -290,15 +290,15 @@ fn implicit_is_the_exact_hypergradient_when_the_inner_problem_converges() {
 
 #[test]
 fn bad_settings_are_named_with_their_allowed_range() {
-    let ok = InnerLoop { steps: 1, lr: 0.1 };
+    let ok = InnerLoop::new(1, 0.1);
     let msg = |m: Mode, i: InnerLoop| format!("{:#}", m.validate(&i).unwrap_err());
     assert!(msg(Mode::Ufo(QRule::Fixed(0.0)), ok).contains("q = 0: the exact-branch probability must be in (0, 1]"));
     assert!(msg(Mode::Ufo(QRule::Fixed(1.5)), ok).contains("q = 1.5"));
     assert!(msg(Mode::Implicit { lambda: 0.0, cg_steps: 5 }, ok).contains("lambda = 0"));
     assert!(msg(Mode::Implicit { lambda: -1.0, cg_steps: 5 }, ok).contains("must be > 0"));
     assert!(msg(Mode::Implicit { lambda: 1.0, cg_steps: 0 }, ok).contains("cg steps = 0"));
-    assert!(msg(Mode::Maml, InnerLoop { steps: 0, lr: 0.1 }).contains("inner steps = 0"));
-    assert!(msg(Mode::Fomaml, InnerLoop { steps: 1, lr: -0.1 }).contains("inner learning rate = -0.1"));
+    assert!(msg(Mode::Maml, InnerLoop::new(0, 0.1)).contains("inner steps = 0"));
+    assert!(msg(Mode::Fomaml, InnerLoop::new(1, -0.1)).contains("inner learning rate = -0.1"));
     assert!(Mode::Ufo(QRule::Fixed(1.0)).validate(&ok).is_ok());
 }
 

@@ -63,7 +63,7 @@ fn every_estimator_matches_its_closed_form_at_finite_steps() {
     let (support, query) = (Quadratic { d: &d }, Linear { c: &c });
     let theta = vec![vector(&[1.0, -2.0, 0.5, 0.1, 3.0])];
     let (alpha, r, lambda, k, eta) = (0.1, 3, 2.0, 4, 0.3);
-    let inner = InnerLoop { steps: r, lr: alpha };
+    let inner = InnerLoop::new(r, alpha);
     let per_coordinate = |f: &dyn Fn(f64, f64) -> f64| -> Vec<f64> { d_values.iter().zip(&c_values).map(|(&d, &c)| f(d, c)).collect() };
     // MAML: (I − αD)^r c; first order: c.
     close(&maml(&support, &query, &theta, &inner).grad[0].to_vec(), &per_coordinate(&|d, c| (1.0 - alpha * d).powi(r as i32) * c), "maml");
@@ -92,7 +92,7 @@ fn fixed_point_is_the_neumann_series_with_eta_alpha_lambda() {
     let theta = model.init::<Flex>(2, F64, &DEV);
     let (sx, qx) = (random_batch(&model, 3, 5), random_batch(&model, 6, 6));
     let (s, q) = (TaskLoss::single(&model, &sx, F64, &DEV), TaskLoss::single(&model, &qx, F64, &DEV));
-    let inner = InnerLoop { steps: 2, lr: 0.1 };
+    let inner = InnerLoop::new(2, 0.1);
     let a = estimate(&Mode::FixedPoint { lambda: 3.0, steps: 6, hvp_batch: None, inner_batch: None }, &s, &q, &theta, &inner, None).grad;
     let b = estimate(&Mode::Neumann { lambda: 3.0, steps: 6, lr: 0.1 * 3.0, hvp_batch: None, inner_batch: None }, &s, &q, &theta, &inner, None).grad;
     assert_eq!(flatten(&a), flatten(&b));
@@ -104,7 +104,7 @@ fn neumann_with_many_terms_equals_conjugate_gradient_to_convergence() {
     let theta = model.init::<Flex>(9, F64, &DEV);
     let (sx, qx) = (random_batch(&model, 3, 10), random_batch(&model, 6, 11));
     let (s, q) = (TaskLoss::single(&model, &sx, F64, &DEV), TaskLoss::single(&model, &qx, F64, &DEV));
-    let inner = InnerLoop { steps: 3, lr: 0.05 };
+    let inner = InnerLoop::new(3, 0.05);
     // λ three times the largest |eigenvalue| of H at φ (power iteration) puts
     // the spectrum of I + H/λ in [2/3, 4/3]: positive definite, and η = 1
     // contracts the series by 1/3 a term.
@@ -156,9 +156,9 @@ fn non_positive_curvature_is_reported_with_the_lambda_that_fixes_it() {
     assert!(neumann_series(&support, &phi, &b, 4.0, 10, 0.1).1.is_none());
     // And through a mode, the hypergradient carries it.
     let theta = vec![vector(&[0.1, 0.1, 0.1])];
-    let h = estimate(&Mode::Neumann { lambda: 1.0, steps: 10, lr: 0.1, hvp_batch: None, inner_batch: None }, &support, &query, &theta, &InnerLoop { steps: 1, lr: 0.01 }, None);
+    let h = estimate(&Mode::Neumann { lambda: 1.0, steps: 10, lr: 0.1, hvp_batch: None, inner_batch: None }, &support, &query, &theta, &InnerLoop::new(1, 0.01), None);
     assert!(h.curvature.is_some());
-    let _ = proximal_adapt(&support, &theta, &InnerLoop { steps: 1, lr: 0.01 }, 1.0);
+    let _ = proximal_adapt(&support, &theta, &InnerLoop::new(1, 0.01), 1.0);
 }
 
 #[test]
@@ -167,7 +167,7 @@ fn estimator_study_rows_fall_to_their_references() {
     let study = EstimatorStudy {
         model: Conv4 { channels: 2, ..Conv4::omniglot(3) },
         episodes: 1,
-        inner: InnerLoop { steps: 2, lr: 0.008 },
+        inner: InnerLoop::new(2, 0.008),
         lambda: 100.0,
         neumann_lr: 0.8,
         steps: vec![1, 4, 40],
@@ -225,7 +225,7 @@ fn averages_to(mode: &Mode, deterministic: &Mode, model: &metagrad::models::Mlp,
 fn stochastic_hessian_products_average_to_the_deterministic_series() {
     // stocBiO: E over independent random Hessians of each term is the full one.
     let mlp = metagrad::models::Mlp::new(&[1, 8, 8, 1]);
-    let inner = InnerLoop { steps: 2, lr: 0.005 };
+    let inner = InnerLoop::new(2, 0.005);
     let (lambda, steps, lr) = (50.0, 5, 0.5);
     let stochastic = Mode::Neumann { lambda, steps, lr, hvp_batch: Some(4), inner_batch: None };
     averages_to(&stochastic, &Mode::Neumann { lambda, steps, lr, hvp_batch: None, inner_batch: None }, &mlp, &inner, 300);
@@ -236,7 +236,7 @@ fn stochastic_inner_steps_average_to_the_deterministic_fixed_point_on_a_quadrati
     // A linear model's squared loss has a constant Hessian and a gradient
     // linear in the parameters: random inner steps are unbiased there.
     let linear = metagrad::models::Mlp::new(&[1, 1]);
-    let inner = InnerLoop { steps: 3, lr: 0.02 };
+    let inner = InnerLoop::new(3, 0.02);
     let stochastic = Mode::FixedPoint { lambda: 5.0, steps: 5, hvp_batch: None, inner_batch: Some(3) };
     averages_to(&stochastic, &Mode::FixedPoint { lambda: 5.0, steps: 5, hvp_batch: None, inner_batch: None }, &linear, &inner, 300);
 }

@@ -51,7 +51,7 @@ fn mlp_maml_hypergradient_matches_finite_differences() {
     let theta = mlp.init::<Cpu>(3, F64, &DEV);
     let task = &sinusoid_tasks(1, 4)[0];
     let (s, q) = (TaskLoss::single(&mlp, &task.support, F64, &DEV), TaskLoss::single(&mlp, &task.query, F64, &DEV));
-    let inner = InnerLoop { steps: 2, lr: 0.05 };
+    let inner = InnerLoop::new(2, 0.05);
     let g = maml(&s, &q, &theta, &inner).grad;
     let gnorm = norm(&flatten(&g));
     let mut r = rng(5);
@@ -69,7 +69,7 @@ fn mlp_every_mode_stacked_equals_each_task_alone() {
     let mlp = Mlp::new(&[1, 8, 8, 1]);
     let theta = mlp.init::<Cpu>(1, F64, &DEV);
     let tasks = sinusoid_tasks(3, 9);
-    let inner = InnerLoop { steps: 2, lr: 0.05 };
+    let inner = InnerLoop::new(2, 0.05);
     for mode in every_mode() {
         let refs: Vec<&Task> = tasks.iter().collect();
         let stacked = meta_gradient(&mut mode.clone(), &mlp, &refs, &theta, &inner, Batching::Stacked, &mut ChaCha8Rng::seed_from_u64(2));
@@ -99,7 +99,7 @@ fn mlp_is_meta_trainable_with_every_mode() {
     let batches: Vec<Vec<Task>> = (0..400).map(|_| (0..8).map(|_| stream.next_task(5, 7).1).collect()).collect();
     for mode in every_mode() {
         // iMAML's hypergradient assumes the proximal problem solved: it gets a few steps.
-        let inner = if mode.proximal_lambda().is_some() { InnerLoop { steps: 5, lr: 0.01 } } else { InnerLoop { steps: 1, lr: 0.02 } };
+        let inner = if mode.proximal_lambda().is_some() { InnerLoop::new(5, 0.01) } else { InnerLoop::new(1, 0.02) };
         let mut learner = MetaLearner::new(mlp.clone(), mlp.init::<Cpu>(0, F64, &DEV), mode.clone(), inner, 1e-2).unwrap();
         learner.batching = Batching::Stacked;
         let mse = |l: &MetaLearner<Mlp, Cpu>| test.iter().map(|t| l.evaluate(t, &inner).0).sum::<f64>() / test.len() as f64;
@@ -118,7 +118,7 @@ fn a_training_step_reads_the_device_once() {
     let tasks = sinusoid_tasks(4, 1);
     let refs: Vec<&Task> = tasks.iter().collect();
     for mode in [Mode::Maml, Mode::Fomaml, Mode::Ufo(QRule::Fixed(0.5))] {
-        let mut learner = MetaLearner::new(mlp.clone(), mlp.init::<Cpu>(0, F64, &DEV), mode.clone(), InnerLoop { steps: 2, lr: 0.05 }, 1e-3).unwrap();
+        let mut learner = MetaLearner::new(mlp.clone(), mlp.init::<Cpu>(0, F64, &DEV), mode.clone(), InnerLoop::new(2, 0.05), 1e-3).unwrap();
         learner.batching = Batching::Stacked;
         let before = host_reads();
         let scores = learner.step(&refs);
@@ -139,7 +139,7 @@ fn mlp_implicit_is_exact_when_the_proximal_problem_converges() {
     let task = &sinusoid_tasks(1, 4)[0];
     let (s, q) = (TaskLoss::single(&mlp, &task.support, F64, &DEV), TaskLoss::single(&mlp, &task.query, F64, &DEV));
     for lambda in [10.0, 30.0] {
-        let inner = InnerLoop { steps: 2000, lr: 0.3 / lambda };
+        let inner = InnerLoop::new(2000, 0.3 / lambda);
         let g = metagrad::hypergrad::implicit(&s, &q, &theta, &inner, lambda, 100).grad;
         let meta = |t: &[metagrad::autodiff::tensor::Tensor<Cpu>]| metagrad::autodiff::diff::Objective::eval(&q, &metagrad::hypergrad::proximal_adapt(&s, t, &inner, lambda)).item();
         let gnorm = norm(&flatten(&g));
@@ -147,5 +147,71 @@ fn mlp_implicit_is_exact_when_the_proximal_problem_converges() {
         let numeric = fd_directional(&meta, &theta, &d);
         let err = (metagrad::autodiff::diff::dot_all(&g, &d) - numeric).abs() / gnorm;
         assert!(err < 1e-6, "λ = {lambda}: implicit hypergradient off the finite differences by {err:.2e}");
+    }
+}
+
+/// Head-only adaptation (ANIL): the inner loop adapts the last layer only.
+fn head_only(steps: usize, lr: f64) -> InnerLoop {
+    InnerLoop { steps, lr, adapted: metagrad::hypergrad::Adapted::Last(2) }
+}
+
+#[test]
+fn head_only_maml_is_the_gradient_of_the_head_only_meta_loss() {
+    let mlp = Mlp::new(&[1, 8, 8, 1]);
+    let theta = mlp.init::<Cpu>(2, F64, &DEV);
+    let task = &sinusoid_tasks(1, 6)[0];
+    let (s, q) = (TaskLoss::single(&mlp, &task.support, F64, &DEV), TaskLoss::single(&mlp, &task.query, F64, &DEV));
+    let inner = head_only(3, 0.05);
+    let sweep = maml(&s, &q, &theta, &inner);
+    let unrolled = metagrad::hypergrad::maml_unrolled(&s, &q, &theta, &inner);
+    let agree = relative_error(&flatten(&sweep.grad), &flatten(&unrolled.grad));
+    assert!(agree < 1e-10, "head-only sweep and unrolled MAML differ by {agree:.2e}");
+    // Only the head moved in the inner loop.
+    for (i, (a, t)) in sweep.adapted.iter().zip(theta.iter()).enumerate() {
+        assert_eq!(a.to_vec() == t.to_vec(), i < 4, "parameter {i}");
+    }
+    let gnorm = norm(&flatten(&sweep.grad));
+    let mut r = rng(8);
+    for _ in 0..3 {
+        let d = random_unit_direction(&mut r, &theta);
+        let numeric = fd_directional(&|p| meta_loss(&s, &q, p, &inner), &theta, &d);
+        let err = (metagrad::autodiff::diff::dot_all(&sweep.grad, &d) - numeric).abs() / gnorm;
+        assert!(err < 1e-6, "head-only MAML off the finite differences by {err:.2e}");
+    }
+    // The trunk's hypergradient carries its effect through the head's adaptation.
+    let fo = metagrad::hypergrad::fomaml(&s, &q, &theta, &inner).grad;
+    assert!(relative_error(&flatten(&sweep.grad[..4]), &flatten(&fo[..4])) > 1e-4);
+}
+
+#[test]
+fn head_only_implicit_is_exact_when_the_proximal_problem_converges() {
+    let mlp = Mlp::new(&[1, 8, 8, 1]);
+    let theta = mlp.init::<Cpu>(0, F64, &DEV);
+    let task = &sinusoid_tasks(1, 4)[0];
+    let (s, q) = (TaskLoss::single(&mlp, &task.support, F64, &DEV), TaskLoss::single(&mlp, &task.query, F64, &DEV));
+    let lambda = 10.0;
+    let inner = head_only(2000, 0.3 / lambda);
+    for mode in [Mode::Implicit { lambda, cg_steps: 100 }, Mode::Neumann { lambda, steps: 400, lr: 0.5, hvp_batch: None, inner_batch: None }] {
+        let g = estimate(&mode, &s, &q, &theta, &inner, None).grad;
+        let meta = |t: &[metagrad::autodiff::tensor::Tensor<Cpu>]| metagrad::autodiff::diff::Objective::eval(&q, &metagrad::hypergrad::proximal_adapt(&s, t, &inner, lambda)).item();
+        let d = random_unit_direction(&mut rng(3), &theta);
+        let numeric = fd_directional(&meta, &theta, &d);
+        let err = (metagrad::autodiff::diff::dot_all(&g, &d) - numeric).abs() / norm(&flatten(&g));
+        assert!(err < 1e-6, "{}: head-only implicit hypergradient off the finite differences by {err:.2e}", mode.name());
+    }
+}
+
+#[test]
+fn head_only_every_mode_stacked_equals_each_task_alone() {
+    let mlp = Mlp::new(&[1, 8, 8, 1]);
+    let theta = mlp.init::<Cpu>(1, F64, &DEV);
+    let tasks = sinusoid_tasks(3, 10);
+    let refs: Vec<&Task> = tasks.iter().collect();
+    let inner = head_only(2, 0.05);
+    for mode in every_mode() {
+        let stacked = meta_gradient(&mut mode.clone(), &mlp, &refs, &theta, &inner, Batching::Stacked, &mut ChaCha8Rng::seed_from_u64(2));
+        let alone = meta_gradient(&mut mode.clone(), &mlp, &refs, &theta, &inner, Batching::TaskByTask, &mut ChaCha8Rng::seed_from_u64(2));
+        let err = relative_error(&flatten(&stacked.grad), &flatten(&alone.grad));
+        assert!(err < 1e-10, "{} (head only): stacked and task by task differ by {err:.2e}", mode.name());
     }
 }

@@ -122,7 +122,7 @@ fn maml_meta_gradients_match_finite_differences_of_the_meta_loss() {
     let s = batch_loss(&model, &support);
     let q = batch_loss(&model, &query);
     for steps in [1, 2] {
-        let inner = InnerLoop { steps, lr: 0.4 };
+        let inner = InnerLoop::new(steps, 0.4);
         let unrolled = maml_unrolled(&s, &q, &theta, &inner).grad;
         let sweep = maml(&s, &q, &theta, &inner).grad;
         let first_order = fomaml(&s, &q, &theta, &inner).grad;

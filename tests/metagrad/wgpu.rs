@@ -75,7 +75,7 @@ fn wgpu_f32_derivatives_agree_with_flex_f64() {
 
     // One smoke test per hypergradient mode: wgpu f32 against Flex f64.
     let task = Task { support: support.clone(), query: random_batch(&model, 5, 4) };
-    let inner = InnerLoop { steps: 2, lr: 0.1 };
+    let inner = InnerLoop::new(2, 0.1);
     let modes = [
         Mode::Maml,
         Mode::MamlUnrolled,

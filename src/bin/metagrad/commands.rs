@@ -283,7 +283,7 @@ pub fn init(dataset: &str, way: usize, seed: u64, precision: metagrad::autodiff:
 /// `metagrad hypergrad`: one task's hypergradient, written as safetensors.
 pub fn hypergrad(args: HypergradArgs) -> Result<()> {
     let mode = args.mode()?;
-    let inner = InnerLoop { steps: args.inner_steps, lr: args.inner_lr };
+    let inner = InnerLoop::new(args.inner_steps, args.inner_lr);
     mode.validate(&inner)?;
     if matches!(mode, Mode::Ufo(_)) && args.samples == 0 {
         bail!("samples = 0: ufo averages at least 1 estimate");
@@ -396,7 +396,7 @@ pub fn bench_autodiff(args: &BackendArgs, iters: usize, warmup: usize, json: Opt
 /// `metagrad bench estimators`: the table, the JSON rows and the figure.
 pub fn bench_estimators(args: crate::args::EstimatorArgs) -> Result<()> {
     use metagrad::bench::estimators::{EstimatorStudy, format_estimator_table, plot_estimators};
-    let inner = InnerLoop { steps: args.inner_steps, lr: args.inner_lr };
+    let inner = InnerLoop::new(args.inner_steps, args.inner_lr);
     for lr in [args.neumann_lr, args.stochastic_lr] {
         Mode::Neumann { lambda: args.lambda, steps: 1, lr, hvp_batch: None, inner_batch: None }.validate(&inner)?;
     }
