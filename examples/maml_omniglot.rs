@@ -29,7 +29,7 @@ fn main() -> Result<()> {
     // The model is a function of named parameters (conv1.weight, …, head.bias).
     let model = Conv4::omniglot(shape.way);
     let theta = model.init::<Cpu>(0, Precision::F32, &device);
-    let inner = InnerLoop { steps: 1, lr: 0.4 };
+    let inner = InnerLoop::new(1, 0.4);
     let mut learner = MetaLearner::new(model, theta, Mode::Maml, inner, 1e-3)?;
 
     let before = accuracy(&learner, &mut test, 50);

@@ -19,13 +19,13 @@ const META_BATCH: usize = 25;
 
 /// Mean query MSE over test tasks after `steps` gradient steps of size `lr`.
 fn test_mse(learner: &MetaLearner<Mlp, Cpu>, tasks: &[(Sinusoid, Task)], steps: usize, lr: f64) -> f64 {
-    let inner = InnerLoop { steps, lr };
+    let inner = InnerLoop::new(steps, lr);
     tasks.iter().map(|(_, task)| learner.evaluate(task, &inner).0).sum::<f64>() / tasks.len() as f64
 }
 
 /// The network's curve on [−5, 5] after fine-tuning on a task's support points.
 fn curve(learner: &MetaLearner<Mlp, Cpu>, task: &Task, steps: usize, lr: f64, xs: &[f64]) -> Vec<(f64, f64)> {
-    let fast = learner.adapt_with(&task.support, &InnerLoop { steps, lr });
+    let fast = learner.adapt_with(&task.support, &InnerLoop::new(steps, lr));
     let grid = Sinusoid { amplitude: 0.0, phase: 0.0 }.examples(xs);
     xs.iter().copied().zip(learner.predict(&fast, &grid).to_vec()).collect()
 }
@@ -37,10 +37,10 @@ fn main() -> Result<()> {
     let device = Default::default();
     let model = Mlp::sinusoid();
     let theta = model.init::<Cpu>(0, Precision::F32, &device);
-    let mut maml = MetaLearner::new(model.clone(), theta.clone(), Mode::Maml, InnerLoop { steps: 1, lr: 0.01 }, 1e-3)?;
+    let mut maml = MetaLearner::new(model.clone(), theta.clone(), Mode::Maml, InnerLoop::new(1, 0.01), 1e-3)?;
     maml.batching = Batching::Stacked; // 25 small MLPs as one batched network
     // The baseline: the same network trained to regress every task's points at once.
-    let mut pretrained = MetaLearner::new(model.clone(), theta, Mode::Maml, InnerLoop { steps: 1, lr: 0.02 }, 1e-3)?;
+    let mut pretrained = MetaLearner::new(model.clone(), theta, Mode::Maml, InnerLoop::new(1, 0.02), 1e-3)?;
 
     let mut stream = SinusoidTasks::new(1);
     for step in 1..=iterations {
