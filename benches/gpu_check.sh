@@ -2,7 +2,8 @@
 # The GPU check: in one run on a GPU machine that has only the carried files,
 #   1. lists the adapters (nvidia-smi, `metagrad devices` of each build),
 #   2. checks that `metagrad hypergrad` on every GPU backend equals the CPU
-#      result for maml, fomaml, ufo (q = 1) and implicit (f32 tolerance),
+#      result for maml, fomaml, ufo (q = 1), implicit, neumann, fixed-point,
+#      and maml and implicit with head-only adaptation (f32 tolerance),
 #   3. times `metagrad bench train` (maml, fomaml) on Omniglot 5-way 1-shot
 #      (T = 32), 20-way 1-shot (T = 16) and Mini-ImageNet 5-way 1-shot (T = 4)
 #      on wgpu (WGSL), wgpu with the SPIR-V compiler and CUDA where the GPU
@@ -120,15 +121,16 @@ run 60 "$BIN" init --dataset omniglot --way 5 --seed 1 --out "$work/params.safet
 queries=15; [ $dry -eq 1 ] && queries=1
 run 60 "$BIN" export-episode --dataset synthetic --way 5 --shot 1 --queries $queries --seed 3 --out "$work/episode.safetensors"
 failures=0
-check_mode() {  # name, flags...
+check_mode() {  # name, flags... (INNER_LR=α overrides the inner step size)
   local name=$1; shift
+  local lr=${INNER_LR:-0.4}
   run 60 "$BIN" hypergrad --params "$work/params.safetensors" --episode "$work/episode.safetensors" "$@" \
-    --inner-steps 2 --inner-lr 0.4 --backend cpu --out "$work/cpu-$name.safetensors" || return
+    --inner-steps 2 --inner-lr "$lr" --backend cpu --out "$work/cpu-$name.safetensors" || return
   local r label bin backend line
   for r in "${runners[@]}"; do
     IFS='|' read -r label bin backend <<<"$r"
     if run 90 "$bin" hypergrad --params "$work/params.safetensors" --episode "$work/episode.safetensors" "$@" \
-         --inner-steps 2 --inner-lr 0.4 --backend "$backend" --out "$work/$label-$name.safetensors"; then
+         --inner-steps 2 --inner-lr "$lr" --backend "$backend" --out "$work/$label-$name.safetensors"; then
       line=$($report compare "$work/cpu-$name.safetensors" "$work/$label-$name.safetensors" --rtol 1e-3) || failures=$((failures + 1))
     else
       line="did not run (see log.txt)"; failures=$((failures + 1))
@@ -171,7 +173,15 @@ done
 if [ $dry -eq 0 ]; then
   check_mode fomaml --mode fomaml
   check_mode ufo-q1 --mode ufo --q 1
-  check_mode implicit --mode implicit --lambda 1 --cg-steps 5
+  check_mode maml-head --mode maml --inner-params head
+  # The implicit family where I + H/λ is positive definite and the series
+  # converges at this initialisation (the divergence guard stays silent; it is
+  # tested on the CPU): λ = 50, α = 0.005, so fixed-point's η = αλ = 0.25.
+  implicit_flags=(--lambda 50 --cg-steps 5 --neumann-steps 5)
+  INNER_LR=0.005 check_mode implicit --mode implicit "${implicit_flags[@]}"
+  INNER_LR=0.005 check_mode neumann --mode neumann --neumann-lr 0.3 "${implicit_flags[@]}"
+  INNER_LR=0.005 check_mode fixed-point --mode fixed-point "${implicit_flags[@]}"
+  INNER_LR=0.005 check_mode implicit-head --mode implicit --inner-params head "${implicit_flags[@]}"
   # The split waits for the device at every phase boundary: a profile, not a speed.
   run 90 "$BIN" bench train --backend wgpu --workloads omniglot-5w1s --modes maml --steps 2 \
     --json "$work/split.json" && $report add "$OUT" "metagrad-wgpu-phase-split" "$work/split.json" >>"$log"

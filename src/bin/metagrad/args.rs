@@ -126,6 +126,10 @@ pub struct HypergradArgs {
     /// Inner-loop step size α.
     #[arg(long, default_value_t = 0.4)]
     pub inner_lr: f64,
+    /// Which parameters the inner loop adapts: all, or only the linear head
+    /// (ANIL; the trunk still gets its hypergradient through the outer path).
+    #[arg(long, default_value = "all", value_parser = ["all", "head"])]
+    pub inner_params: String,
     /// implicit, neumann, fixed-point: proximal regularisation λ.
     #[arg(long, default_value_t = 1.0)]
     pub lambda: f64,

@@ -17,7 +17,7 @@ use metagrad::data::episode::Episode;
 use metagrad::data::fetch::{self, Source};
 use metagrad::data::store::{read_safetensors, write_atomic, write_safetensors};
 use metagrad::data::{fixed_episodes, mini_imagenet};
-use metagrad::hypergrad::{InnerLoop, Mode};
+use metagrad::hypergrad::{Adapted, InnerLoop, Mode};
 use metagrad::hypergrad::files::EpisodeHypergradient;
 use metagrad::models::params::save_params;
 use metagrad::models::{Conv4, FunctionalModel, check_task_fits};
@@ -283,14 +283,17 @@ pub fn init(dataset: &str, way: usize, seed: u64, precision: metagrad::autodiff:
 /// `metagrad hypergrad`: one task's hypergradient, written as safetensors.
 pub fn hypergrad(args: HypergradArgs) -> Result<()> {
     let mode = args.mode()?;
-    let inner = InnerLoop::new(args.inner_steps, args.inner_lr);
-    mode.validate(&inner)?;
     if matches!(mode, Mode::Ufo(_)) && args.samples == 0 {
         bail!("samples = 0: ufo averages at least 1 estimate");
     }
     let episode = Episode::read(&args.episode)?;
     let params = read_safetensors(&args.params)?;
     let model = Conv4::infer(&params, episode.support.shape[2], &args.params.display().to_string())?;
+    let mut inner = InnerLoop::new(args.inner_steps, args.inner_lr);
+    if args.inner_params == "head" {
+        inner.adapted = Adapted::Last(model.head_parameters());
+    }
+    mode.validate(&inner)?;
     check_task_fits(&model, &episode.task(), &args.episode.display().to_string())?;
     let selection = args.backend.select()?;
     let name = mode.name();
@@ -301,6 +304,7 @@ pub fn hypergrad(args: HypergradArgs) -> Result<()> {
         ("mode".to_string(), name.to_string()),
         ("inner_steps".to_string(), inner.steps.to_string()),
         ("inner_lr".to_string(), inner.lr.to_string()),
+        ("inner_params".to_string(), args.inner_params.clone()),
     ]);
     write_safetensors(&args.out, &report.tensors, &metadata)?;
     let note = report.exact_draws.map_or(String::new(), |k| format!(", mean of {} estimates, {k} took the exact branch", args.samples));
