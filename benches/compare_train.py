@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Side by side with PyTorch: first checks that both compute the same
 hypergradient on identical inputs (`metagrad init`, `metagrad export-episode`,
-`metagrad hypergrad`, then the same in PyTorch, float64), then runs `metagrad
+`metagrad hypergrad`, then the same in PyTorch, float64: maml, fomaml and
+head-only maml against ANIL), then runs `metagrad
 bench train` and benches/pytorch_train.py on the same workloads and prints
 the ratio of meta-iterations per second (>1: metagrad is faster) and each
 one's peak memory above the start of the case.
@@ -23,7 +24,7 @@ from safetensors.torch import load_file
 here = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, here)
 from pytorch_autodiff import loss_fn  # noqa: E402
-from pytorch_train import adapt  # noqa: E402
+from pytorch_train import adapt, head_only_query_loss  # noqa: E402
 
 NAMES = [f"{layer}.{kind}" for i in range(1, 5) for layer, kind in
          [(f"conv{i}", "weight"), (f"conv{i}", "bias"), (f"bn{i}", "weight"), (f"bn{i}", "bias")]] + ["head.weight", "head.bias"]
@@ -39,16 +40,19 @@ def check_hypergradients(metagrad, tmp, backend):
     theta = [params[n].double().requires_grad_() for n in NAMES]
     xs, ys, xq, yq = ep["support_x"].double(), ep["support_y"], ep["query_x"].double(), ep["query_y"]
     worst = 0.0
-    for mode, steps in [("maml", 3), ("fomaml", 3)]:
+    for mode, steps in [("maml", 3), ("fomaml", 3), ("maml-head", 3)]:
         g_path = os.path.join(tmp, f"g-{mode}.safetensors")
-        subprocess.run([metagrad, "hypergrad", "--params", p, "--episode", e, "--mode", mode, "--inner-steps", str(steps),
-                        "--inner-lr", "0.4", "--backend", backend, "--out", g_path], check=True, capture_output=True)
+        head = ["--inner-params", "head"] if mode.endswith("-head") else []
+        subprocess.run([metagrad, "hypergrad", "--params", p, "--episode", e, "--mode", mode.removesuffix("-head"), "--inner-steps", str(steps),
+                        "--inner-lr", "0.4", "--backend", backend, "--out", g_path] + head, check=True, capture_output=True)
         ours = load_file(g_path)
-        fast = adapt(theta, xs, ys, steps, 0.4, mode == "maml")
-        if mode == "maml":
+        if mode == "maml-head":
+            theirs = torch.autograd.grad(head_only_query_loss(theta, xs, ys, xq, yq, steps, 0.4, True), theta)
+        elif mode == "maml":
+            fast = adapt(theta, xs, ys, steps, 0.4, True)
             theirs = torch.autograd.grad(loss_fn(fast, xq, yq), theta)
         else:
-            fast = [f.detach().requires_grad_() for f in fast]
+            fast = [f.detach().requires_grad_() for f in adapt(theta, xs, ys, steps, 0.4, False)]
             theirs = torch.autograd.grad(loss_fn(fast, xq, yq), fast)
         scale = max(t.abs().max().item() for t in theirs)
         err = max((ours[n].double() - t).abs().max().item() for n, t in zip(NAMES, theirs))

@@ -29,16 +29,20 @@ def conv4_params(in_channels, channels, features, way, gen):
     return [p.requires_grad_() for p in params]
 
 
-def forward(params, x):
+def features(trunk, x):
+    """The four conv blocks (the first 16 parameters), flattened."""
     h = x
     for b in range(4):
-        w, bias, gamma, beta = params[4 * b: 4 * b + 4]
+        w, bias, gamma, beta = trunk[4 * b: 4 * b + 4]
         h = F.conv2d(h, w, bias, padding=1)
         # Batch statistics, biased variance, no running stats (as metagrad).
         h = F.batch_norm(h, None, None, gamma, beta, training=True, eps=1e-5)
         h = F.max_pool2d(F.relu(h), 2)
-    h = h.flatten(1)
-    return F.linear(h, params[16], params[17])
+    return h.flatten(1)
+
+
+def forward(params, x):
+    return F.linear(features(params[:16], x), params[16], params[17])
 
 
 def loss_fn(params, x, y):

@@ -3,7 +3,8 @@
 (shapes, meta-batch, inner steps, step sizes) and modes, trained with plain
 autograd the way learn2learn and higher do it: MAML by unrolling the inner
 loop with create_graph=True, FO-MAML without it, Adam (eps 1e-8) on the
-initialisation. Random images; reports meta-iterations per second and the
+initialisation; `maml-head` and `fomaml-head` adapt only the linear head on
+features computed once per task (ANIL, as learn2learn's example). Random images; reports meta-iterations per second and the
 peak memory of each case above its start (on the CPU the process high-water
 mark, VmHWM, reset before each case as metagrad does; on CUDA the caching
 allocator's peak).
@@ -11,6 +12,7 @@ allocator's peak).
     pip install torch numpy safetensors
     python3 benches/pytorch_train.py --device cpu --threads 2 --json torch-train.json
     python3 benches/pytorch_train.py --workloads omniglot-5w1s --modes maml --inner-steps 1,5,10
+    python3 benches/pytorch_train.py --workloads omniglot-5w1s --modes maml,maml-head --queries 1
 """
 import argparse
 import gc
@@ -21,7 +23,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from pytorch_autodiff import conv4_params, loss_fn
+from pytorch_autodiff import conv4_params, features, loss_fn
 
 # (key, name, channels in, image size, conv width, features, way, queries, meta-batch, inner steps, inner lr)
 WORKLOADS = [
@@ -65,9 +67,23 @@ def adapt(params, xs, ys, steps, lr, second_order):
     return fast
 
 
-def meta_iteration(params, opt, tasks, steps, lr, second_order):
+def head_only_query_loss(params, xs, ys, xq, yq, steps, lr, second_order):
+    """ANIL as learn2learn runs it: the trunk's features once, the inner loop
+    on the linear head alone, the query loss differentiable in every parameter."""
+    fs, fq = features(params[:16], xs), features(params[:16], xq)
+    head = params[16:]
+    for _ in range(steps):
+        g = torch.autograd.grad(F.cross_entropy(F.linear(fs, *head), ys), head, create_graph=second_order)
+        head = [p - lr * gi for p, gi in zip(head, g)]
+    return F.cross_entropy(F.linear(fq, *head), yq)
+
+
+def meta_iteration(params, opt, tasks, steps, lr, second_order, head_only=False):
     opt.zero_grad()
     for xs, ys, xq, yq in tasks:
+        if head_only:
+            (head_only_query_loss(params, xs, ys, xq, yq, steps, lr, second_order) / len(tasks)).backward()
+            continue
         fast = adapt(params, xs, ys, steps, lr, second_order)
         if not second_order:
             # First-order: the query gradient at the adapted weights, applied to θ.
@@ -115,7 +131,7 @@ def main():
                 first = None
                 for i in range(args.steps + 1):
                     start = time.perf_counter()
-                    meta_iteration(params, opt, tasks, steps, lr, mode == "maml")
+                    meta_iteration(params, opt, tasks, steps, lr, mode.removesuffix("-head") == "maml", mode.endswith("-head"))
                     if dev.type == "cuda":
                         torch.cuda.synchronize()
                     if i > 0:  # the first iteration is warm-up

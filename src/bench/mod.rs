@@ -528,16 +528,18 @@ pub fn train_bench(bench: &TrainBench) -> anyhow::Result<Vec<TrainRow>> {
     for w in TRAIN_WORKLOADS.iter().filter(|w| bench.workloads.is_empty() || bench.workloads.iter().any(|k| k == w.key)) {
         let split = Arc::new(stand_in_split(w.classes, w.per_class, w.image_shape));
         for mode in &bench.modes {
-            let own_steps = if mode == "implicit" { w.implicit_steps } else { w.inner_steps };
+            // `maml-head`: the mode with head-only adaptation.
+            let (name, inner_params) = mode.strip_suffix("-head").map_or((mode.as_str(), "all"), |m| (m, "head"));
+            let own_steps = if name == "implicit" { w.implicit_steps } else { w.inner_steps };
             let grid = if bench.inner_steps.is_empty() { vec![own_steps] } else { bench.inner_steps.clone() };
             for r in grid {
-                let (mode_keys, lr) = match mode.as_str() {
+                let (mode_keys, lr) = match name {
                     "ufo" => ("name = \"ufo\"\nq_rule = \"adaptive\"\n".to_string(), w.inner_lr),
                     "implicit" => ("name = \"implicit\"\nlambda = 2.0\ncg_steps = 5\n".to_string(), w.implicit_lr),
                     m => (format!("name = \"{m}\"\n"), w.inner_lr),
                 };
                 let text = format!(
-                    "[run]\nname = \"{}-{mode}-{r}\"\n[data]\ndataset = \"{}\"\nway = {}\nqueries = {}\n[train]\ntask_batching = \"{}\"\nmeta_steps = {}\nmeta_batch = {}\ninner_steps = {r}\ninner_lr = {lr}\n[mode]\n{mode_keys}[eval]\nevery = 0\n[checkpoint]\ndir = \"{}\"\nevery = 0\n",
+                    "[run]\nname = \"{}-{mode}-{r}\"\n[data]\ndataset = \"{}\"\nway = {}\nqueries = {}\n[train]\ntask_batching = \"{}\"\nmeta_steps = {}\nmeta_batch = {}\ninner_steps = {r}\ninner_lr = {lr}\ninner_params = \"{inner_params}\"\n[mode]\n{mode_keys}[eval]\nevery = 0\n[checkpoint]\ndir = \"{}\"\nevery = 0\n",
                     w.key,
                     w.dataset,
                     w.way,

@@ -12,6 +12,7 @@ use crate::autodiff::kernels::KernelSettings;
 use crate::autodiff::profile::{Phase, timed};
 use crate::autodiff::tensor::{BaseBackend, Tensor};
 use crate::data::task::Task;
+use crate::hypergrad::head::estimate_head_only;
 use crate::hypergrad::inner::{InnerLoop, axpy};
 use crate::hypergrad::mode::{Mode, estimate};
 use crate::hypergrad::result::{CurvatureWarning, Draws, Hypergradient};
@@ -116,6 +117,12 @@ fn losses<'a, M: FunctionalModel, Base: BaseBackend>(model: &'a M, tasks: &[&'a 
     (TaskLoss::new(model, &supports, precision, &device), TaskLoss::new(model, &queries, precision, &device))
 }
 
+/// `estimate` on a model's tasks: on the trunk's features when only the
+/// linear head is adapted (head.rs), else through the whole model.
+fn estimate_tasks<M: FunctionalModel, Base: BaseBackend>(mode: &Mode, support: &TaskLoss<M, Base>, query: &TaskLoss<M, Base>, theta: &[Tensor<Base>], inner: &InnerLoop, draws: Option<&Draws>) -> Hypergradient<Base> {
+    estimate_head_only(mode, support, query, theta, inner, draws).unwrap_or_else(|| estimate(mode, support, query, theta, inner, draws))
+}
+
 fn query_labels(tasks: &[&Task]) -> Vec<Option<Vec<usize>>> {
     tasks.iter().map(|t| t.query.targets.labels().map(<[usize]>::to_vec)).collect()
 }
@@ -124,7 +131,7 @@ fn stacked<M: FunctionalModel, Base: BaseBackend>(mode: &Mode, model: &M, tasks:
     let count = tasks.len();
     let h = timed::<Base, _>(Phase::Task, &theta[0].device(), || {
         let (support, query) = losses(model, tasks, theta);
-        let h = estimate(mode, &support, &query, &replicate(theta, count), inner, draws.as_ref());
+        let h = estimate_tasks(mode, &support, &query, &replicate(theta, count), inner, draws.as_ref());
         let task_losses = query.task_losses(&h.query);
         (h, task_losses)
     });
@@ -139,7 +146,7 @@ fn task_by_task<M: FunctionalModel, Base: BaseBackend>(mode: &Mode, model: &M, t
     let results: Vec<Hypergradient<Base>> = parallel_map(count, |t| {
         timed::<Base, _>(Phase::Task, &theta[0].device(), || {
             let (support, query) = losses(model, &tasks[t..t + 1], theta);
-            estimate(mode, &support, &query, theta, inner, draws.as_ref().map(|d| d.slice(t, 1)).as_ref())
+            estimate_tasks(mode, &support, &query, theta, inner, draws.as_ref().map(|d| d.slice(t, 1)).as_ref())
         })
     });
     let mut sum: Option<Vec<Tensor<Base>>> = None;
@@ -203,7 +210,9 @@ fn parallel_map<T: Send>(n: usize, f: impl Fn(usize) -> T + Sync) -> Vec<T> {
 /// adaptation (classification; None for regression targets).
 pub fn task_hypergradient<M: FunctionalModel, Base: BaseBackend>(mode: &mut Mode, model: &M, task: &Task, theta: &[Tensor<Base>], inner: &InnerLoop, rng: &mut impl Rng) -> (Hypergradient<Base>, Option<f64>) {
     let (support, query) = losses(model, &[task], theta);
-    let h = crate::hypergrad::mode::hypergradient(mode, &support, &query, theta, inner, rng);
+    let draws = mode.draw(1, inner, rng);
+    let h = estimate_tasks(mode, &support, &query, theta, inner, draws.as_ref());
+    mode.observe(&h.observations);
     let logits = h.query.output.as_ref().expect("a task loss evaluation carries its outputs");
     let accuracy = task.query.targets.labels().map(|labels| accuracy(logits, labels));
     (h, accuracy)

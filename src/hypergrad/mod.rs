@@ -19,9 +19,13 @@
 //!   conjugate gradient.
 //! - `neumann` (AID-NS, as in stocBiO) and `fixed-point` (AID-FP): the same
 //!   system by a truncated Neumann series, with step η or with η = αλ.
+//!
+//! With head-only adaptation (`Adapted::Last`) every mode runs on the
+//! trunk's features, computed once per task (head.rs).
 
 pub mod files;
 pub mod fomaml;
+pub mod head;
 pub mod implicit;
 pub mod inner;
 pub mod maml;
@@ -34,6 +38,7 @@ pub mod task;
 pub mod ufo;
 
 pub use fomaml::fomaml;
+pub use head::{HeadLoss, estimate_head_only};
 pub use implicit::{LinearSolver, Sampling, conjugate_gradient, implicit, implicit_sampled, implicit_with};
 pub use inner::{Adapted, InnerLoop, adapt, adapted, axpy, inner_step, meta_loss, proximal_adapt, sgd_step};
 pub use maml::{maml, maml_unrolled};

@@ -70,20 +70,61 @@ impl<'a, M: FunctionalModel, Base: BaseBackend> TaskLoss<'a, M, Base> {
     /// Each task's mean loss [T] from an evaluation of this objective (the
     /// evaluated loss itself for one task).
     pub fn task_losses(&self, evaluation: &Evaluation<Base>) -> Tensor<Base> {
-        let tasks = self.parts.len();
-        if tasks == 1 {
+        if self.parts.len() == 1 {
             return evaluation.loss.reshape(&[1]);
         }
         let output = evaluation.output.as_ref().expect("a task loss evaluation carries its outputs");
-        let per_row = output.dims()[1];
-        let n = self.parts[0].len();
-        let per_task = |t: Tensor<Base>| t.reshape(&[tasks, n * per_row]).sum_dim(1).reshape(&[tasks]);
-        if self.classes {
-            per_task(output.log_softmax().mul(&self.targets)).mul_scalar(-1.0 / n as f64)
-        } else {
-            per_task(output.sub(&self.targets).square()).mul_scalar(1.0 / (n * per_row) as f64)
-        }
+        per_task_losses(output, &self.targets, self.classes, self.parts.len())
     }
+
+    /// The model, and the stacked inputs and targets, for an objective over
+    /// the same examples in another form (the head on features, head.rs).
+    pub(crate) fn model(&self) -> &'a M {
+        self.model
+    }
+
+    pub(crate) fn inputs(&self) -> &Tensor<Base> {
+        &self.inputs
+    }
+
+    pub(crate) fn classes(&self) -> bool {
+        self.classes
+    }
+}
+
+/// The sum over T tasks of their mean loss, from outputs [T·n, K] and
+/// targets of the same shape: cross-entropy for classes (one-hot targets),
+/// squared error for values.
+pub(crate) fn stacked_loss<B: Level>(output: &Tensor<B>, targets: &Tensor<B>, classes: bool, tasks: usize) -> Tensor<B> {
+    let mean = if classes {
+        output.cross_entropy(targets)
+    } else {
+        let d = output.dims();
+        output.sub(targets).square().sum().mul_scalar(1.0 / (d[0] * d[1]) as f64)
+    };
+    // The mean over all T·n rows, times T: the sum of the per-task means.
+    if tasks == 1 { mean } else { mean.mul_scalar(tasks as f64) }
+}
+
+/// Each task's mean loss [T], as `stacked_loss` sums them.
+pub(crate) fn per_task_losses<B: Level>(output: &Tensor<B>, targets: &Tensor<B>, classes: bool, tasks: usize) -> Tensor<B> {
+    let [rows, per_row] = output.dims()[..] else { unreachable!("outputs are [T·n, K]") };
+    let n = rows / tasks;
+    let per_task = |t: Tensor<B>| t.reshape(&[tasks, n * per_row]).sum_dim(1).reshape(&[tasks]);
+    if classes {
+        per_task(output.log_softmax().mul(targets)).mul_scalar(-1.0 / n as f64)
+    } else {
+        per_task(output.sub(targets).square()).mul_scalar(1.0 / (n * per_row) as f64)
+    }
+}
+
+/// `size` of a task's `n` examples drawn without replacement, in order: the
+/// one way the stochastic modes subsample, whatever form the loss takes.
+pub(crate) fn draw_subset(rng: &mut ChaCha8Rng, n: usize, size: usize) -> Vec<usize> {
+    assert!(size >= 1 && size <= n, "a subset of {size} of a task's {n} examples");
+    let mut chosen = rand::seq::index::sample(rng, n, size).into_vec();
+    chosen.sort_unstable();
+    chosen
 }
 
 impl<M: FunctionalModel, Base: BaseBackend> Objective<Base> for TaskLoss<'_, M, Base> {
@@ -94,15 +135,7 @@ impl<M: FunctionalModel, Base: BaseBackend> Objective<Base> for TaskLoss<'_, M, 
     fn evaluate<B: Level<Base = Base>>(&self, params: &[Tensor<B>]) -> Evaluation<B> {
         let tasks = self.parts.len();
         let output = self.model.forward(params, &Tensor::from_base(&self.inputs), tasks);
-        let targets = Tensor::from_base(&self.targets);
-        let mean = if self.classes {
-            output.cross_entropy(&targets)
-        } else {
-            let d = output.dims();
-            output.sub(&targets).square().sum().mul_scalar(1.0 / (d[0] * d[1]) as f64)
-        };
-        // The mean over all T·n rows, times T: the sum of the per-task means.
-        let loss = if tasks == 1 { mean } else { mean.mul_scalar(tasks as f64) };
+        let loss = stacked_loss(&output, &Tensor::from_base(&self.targets), self.classes, tasks);
         Evaluation { loss, output: Some(output) }
     }
 
@@ -122,13 +155,7 @@ impl<M: FunctionalModel, Base: BaseBackend> TaskSubsets for TaskLoss<'_, M, Base
             .parts
             .iter()
             .zip(rngs)
-            .map(|(part, rng)| {
-                let n = part.len();
-                assert!(size >= 1 && size <= n, "a subset of {size} of a task's {n} examples");
-                let mut chosen = rand::seq::index::sample(rng, n, size).into_vec();
-                chosen.sort_unstable();
-                Cow::Owned(part.subset(&chosen))
-            })
+            .map(|(part, rng)| Cow::Owned(part.subset(&draw_subset(rng, part.len(), size))))
             .collect();
         TaskLoss::from_parts(self.model, parts, self.inputs.precision(), &self.inputs.device())
     }

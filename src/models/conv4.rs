@@ -81,7 +81,7 @@ impl Conv4 {
     }
 
     /// The four conv blocks of `tasks` networks side by side (groups = tasks),
-    /// after checking the input and the parameter count.
+    /// from the trunk's parameters, after checking the input and their count.
     fn trunk<B: Level>(&self, params: &[Tensor<B>], x: &Tensor<B>, tasks: usize) -> Tensor<B> {
         let expected = [tasks * self.in_channels, self.image_size, self.image_size];
         let dims = x.dims();
@@ -92,9 +92,9 @@ impl Conv4 {
             expected[1],
             expected[2]
         );
-        assert_eq!(params.len(), 4 * BLOCKS + 2, "Conv-4 forward: {} parameter tensors, expected {}", params.len(), 4 * BLOCKS + 2);
+        assert_eq!(params.len(), 4 * BLOCKS, "Conv-4 trunk: {} parameter tensors, expected {}", params.len(), 4 * BLOCKS);
         let mut h = x.clone();
-        for block in params[..4 * BLOCKS].chunks(4) {
+        for block in params.chunks(4) {
             let [w, b, gamma, beta] = block else { unreachable!() };
             h = h.conv2d(w, b, 1, tasks).batch_norm(gamma, beta, BATCH_NORM_EPS).relu().max_pool2x2();
         }
@@ -141,14 +141,25 @@ impl FunctionalModel for Conv4 {
     /// keep the tasks apart, batch norm's per-channel statistics are then per
     /// task, and the heads are one batched matmul.
     fn forward<B: Level>(&self, params: &[Tensor<B>], inputs: &Tensor<B>, tasks: usize) -> Tensor<B> {
-        let h = self.trunk(params, inputs, tasks);
+        assert_eq!(params.len(), 4 * BLOCKS + 2, "Conv-4 forward: {} parameter tensors, expected {}", params.len(), 4 * BLOCKS + 2);
+        let features = self.trunk_features(&params[..4 * BLOCKS], inputs, tasks).expect("a Conv-4 is a trunk and a linear head");
+        self.head(&features, &params[4 * BLOCKS], &params[4 * BLOCKS + 1], tasks)
+    }
+
+    /// The flattened output of the conv blocks, [T, n, features].
+    fn trunk_features<B: Level>(&self, trunk: &[Tensor<B>], inputs: &Tensor<B>, tasks: usize) -> Option<Tensor<B>> {
+        let h = self.trunk(trunk, inputs, tasks);
         let n = inputs.dims()[0];
-        let (weight, bias) = (&params[4 * BLOCKS], &params[4 * BLOCKS + 1]);
+        Some(h.reshape(&[n, tasks, self.features()]).swap_dims(0, 1))
+    }
+
+    /// One task's head as a plain matmul, T tasks' as a batched one.
+    fn head<B: Level>(&self, features: &Tensor<B>, weight: &Tensor<B>, bias: &Tensor<B>, tasks: usize) -> Tensor<B> {
         if tasks == 1 {
-            return linear(&h.reshape(&[n, self.features()]), weight, bias);
+            let [_, n, f] = features.dims()[..] else { unreachable!("features are [T, n, F]") };
+            return linear(&features.reshape(&[n, f]), weight, bias);
         }
-        let features = h.reshape(&[n, tasks, self.features()]).swap_dims(0, 1);
-        stacked_linear(&features, weight, bias, tasks)
+        stacked_linear(features, weight, bias, tasks)
     }
 
     /// Image i of task t goes to channels t·C..(t+1)·C of row i.

@@ -56,20 +56,28 @@ impl FunctionalModel for Mlp {
 
     /// Inputs [T, n, in] (the default task-major layout) to outputs [T·n, out].
     fn forward<B: Level>(&self, params: &[Tensor<B>], inputs: &Tensor<B>, tasks: usize) -> Tensor<B> {
+        assert_eq!(params.len(), 2 * self.layers(), "MLP forward: {} parameter tensors, expected {}", params.len(), 2 * self.layers());
+        let (trunk, head) = params.split_at(params.len() - 2);
+        let features = self.trunk_features(trunk, inputs, tasks).expect("an MLP is a trunk and a linear head");
+        self.head(&features, &head[0], &head[1], tasks)
+    }
+
+    /// The last hidden layer's activations [T, n, width] (the inputs
+    /// themselves for a single linear layer).
+    fn trunk_features<B: Level>(&self, trunk: &[Tensor<B>], inputs: &Tensor<B>, tasks: usize) -> Option<Tensor<B>> {
         let dims = inputs.dims();
         assert!(
             dims.len() == 3 && dims[0] == tasks && dims[2] == self.widths[0],
             "MLP forward: inputs of shape {dims:?} do not match [{tasks}, n, {}]",
             self.widths[0]
         );
-        assert_eq!(params.len(), 2 * self.layers(), "MLP forward: {} parameter tensors, expected {}", params.len(), 2 * self.layers());
+        assert_eq!(trunk.len(), 2 * (self.layers() - 1), "MLP trunk: {} parameter tensors, expected {}", trunk.len(), 2 * (self.layers() - 1));
         let n = dims[1];
         let mut h = inputs.clone();
-        for (l, pair) in params.chunks(2).enumerate() {
-            let out = stacked_linear(&h, &pair[0], &pair[1], tasks);
-            h = if l + 1 < self.layers() { out.relu().reshape(&[tasks, n, self.widths[l + 1]]) } else { out };
+        for (l, pair) in trunk.chunks(2).enumerate() {
+            h = stacked_linear(&h, &pair[0], &pair[1], tasks).relu().reshape(&[tasks, n, self.widths[l + 1]]);
         }
-        h
+        Some(h)
     }
 
     fn metadata(&self) -> BTreeMap<String, String> {

@@ -95,6 +95,22 @@ pub trait FunctionalModel: Sync {
         2
     }
 
+    /// For a model that is a trunk followed by a linear head (the last two
+    /// parameters, weight [K, F] and bias [K]): the trunk's features
+    /// [T, n, F] from the other parameters, such that `forward` is `head`
+    /// of them. Head-only adaptation then runs the trunk once per task
+    /// instead of in every inner step and Hessian-vector product. None (the
+    /// default): head-only adaptation runs through the whole model.
+    fn trunk_features<B: Level>(&self, trunk: &[Tensor<B>], inputs: &Tensor<B>, tasks: usize) -> Option<Tensor<B>> {
+        let _ = (trunk, inputs, tasks);
+        None
+    }
+
+    /// The linear head on features [T, n, F]: outputs [T·n, K], task by task.
+    fn head<B: Level>(&self, features: &Tensor<B>, weight: &Tensor<B>, bias: &Tensor<B>, tasks: usize) -> Tensor<B> {
+        stacked_linear(features, weight, bias, tasks)
+    }
+
     /// Key-value pairs written into saved parameter files, describing the model.
     fn metadata(&self) -> BTreeMap<String, String> {
         BTreeMap::new()

@@ -7,6 +7,7 @@ mod data;
 mod faults;
 mod fetch;
 mod fixed_episodes;
+mod head_only;
 mod hypergrad;
 mod implicit;
 mod learner;

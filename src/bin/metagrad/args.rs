@@ -353,7 +353,8 @@ pub struct BenchTrainArgs {
     /// Meta-iterations to time per case (after one warm-up iteration).
     #[arg(long, default_value_t = 3)]
     pub steps: usize,
-    /// Modes to measure, comma-separated.
+    /// Modes to measure, comma-separated; a mode with `-head` appended
+    /// (maml-head) adapts only the linear head in the inner loop.
     #[arg(long, value_delimiter = ',', default_value = "maml,fomaml,ufo,implicit")]
     pub modes: Vec<String>,
     /// Workloads, comma-separated: omniglot-5w1s, omniglot-20w1s, mini-imagenet-5w1s (default: all).

@@ -1,0 +1,112 @@
+//! Head-only adaptation on the trunk's features (hypergrad/head.rs) equals
+//! head-only adaptation through the whole model, for every mode, stacked
+//! and alone, on a Conv-4 (batch norm in the trunk) and an MLP (f64).
+
+use metagrad::autodiff::tensor::Tensor;
+use metagrad::data::Task;
+use metagrad::data::episode::{Episode, LabelledImages};
+use metagrad::data::sinusoid::SinusoidTasks;
+use metagrad::hypergrad::stack::replicate;
+use metagrad::hypergrad::{Adapted, AdaptiveQ, InnerLoop, Mode, QRule, TaskLoss, estimate, estimate_head_only};
+use metagrad::models::{Conv4, FunctionalModel, Mlp};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use crate::common::{Cpu, DEV, F64};
+
+const CONV: Conv4 = Conv4 { in_channels: 2, image_size: 16, channels: 4, way: 3 };
+
+fn conv_tasks(tasks: usize, seed: u64) -> Vec<Task> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let mut part = |n: usize| LabelledImages {
+        images: (0..n * 2 * 16 * 16).map(|_| rng.random::<f32>()).collect(),
+        shape: [n, 2, 16, 16],
+        labels: (0..n).map(|i| i % 3).collect(),
+    };
+    (0..tasks).map(|_| Episode { way: 3, support: part(6), query: part(9) }.task()).collect()
+}
+
+fn sinusoid_tasks(tasks: usize, seed: u64) -> Vec<Task> {
+    let mut stream = SinusoidTasks::new(seed);
+    (0..tasks).map(|_| stream.next_task(6, 7).1).collect()
+}
+
+fn head_only(steps: usize, lr: f64) -> InnerLoop {
+    InnerLoop { steps, lr, adapted: Adapted::Last(2) }
+}
+
+/// The deterministic modes and fixed-q ufo (whose draws are given).
+fn modes() -> Vec<Mode> {
+    vec![
+        Mode::Maml,
+        Mode::MamlUnrolled,
+        Mode::Fomaml,
+        Mode::Ufo(QRule::Fixed(0.5)),
+        Mode::Implicit { lambda: 4.0, cg_steps: 4 },
+        Mode::Neumann { lambda: 4.0, steps: 4, lr: 0.3, hvp_batch: None, inner_batch: None },
+        Mode::FixedPoint { lambda: 4.0, steps: 4, hvp_batch: None, inner_batch: None },
+    ]
+}
+
+fn max_relative_difference(a: &[Tensor<Cpu>], b: &[Tensor<Cpu>]) -> f64 {
+    assert_eq!(a.iter().map(|t| t.dims()).collect::<Vec<_>>(), b.iter().map(|t| t.dims()).collect::<Vec<_>>(), "shapes differ");
+    let (a, b): (Vec<f64>, Vec<f64>) = (a.iter().flat_map(|t| t.to_vec()).collect(), b.iter().flat_map(|t| t.to_vec()).collect());
+    let scale = b.iter().map(|v| v.abs()).fold(0.0, f64::max);
+    assert!(scale > 0.0, "an all-zero hypergradient proves nothing");
+    a.iter().zip(&b).map(|(p, q)| (p - q).abs()).fold(0.0, f64::max) / scale
+}
+
+/// For each mode, on T stacked tasks and on one: the feature path's
+/// hypergradient, query loss and adapted head against the whole model's.
+fn check_equal<M: FunctionalModel>(model: &M, tasks: &[Task], modes: &[Mode], inner: &InnerLoop) {
+    let theta = model.init::<Cpu>(3, F64, &DEV).into_tensors();
+    for count in [tasks.len(), 1] {
+        let supports: Vec<_> = tasks[..count].iter().map(|t| &t.support).collect();
+        let queries: Vec<_> = tasks[..count].iter().map(|t| &t.query).collect();
+        let (s, q) = (TaskLoss::<_, Cpu>::new(model, &supports, F64, &DEV), TaskLoss::<_, Cpu>::new(model, &queries, F64, &DEV));
+        let stacked = replicate(&theta, count);
+        for mode in modes {
+            // Seed 5 makes ufo draw the exact branch for some tasks and not others.
+            let draws = mode.draw(count, inner, &mut ChaCha8Rng::seed_from_u64(5));
+            let fast = estimate_head_only(mode, &s, &q, &stacked, inner, draws.as_ref()).expect("a trunk and a linear head");
+            let whole = estimate(mode, &s, &q, &stacked, inner, draws.as_ref());
+            let what = format!("{} on {} ({count} task(s))", mode.name(), model.describe());
+            let err = max_relative_difference(&fast.grad, &whole.grad);
+            assert!(err < 1e-10, "{what}: features and whole model differ by {err:.2e}");
+            assert!(max_relative_difference(&fast.adapted, &whole.adapted) < 1e-12, "{what}: adapted parameters differ");
+            let (a, b) = (fast.query.loss.item(), whole.query.loss.item());
+            assert!((a - b).abs() < 1e-12 * b.abs(), "{what}: query loss {a} vs {b}");
+            assert_eq!(fast.exact, whole.exact, "{what}: ufo branches");
+        }
+    }
+}
+
+#[test]
+fn head_only_on_features_equals_the_whole_model_on_a_conv4() {
+    check_equal(&CONV, &conv_tasks(3, 1), &modes(), &head_only(2, 0.1));
+}
+
+#[test]
+fn head_only_on_features_equals_the_whole_model_on_an_mlp() {
+    // An MLP has no batch norm, so the random-subset modes see the same
+    // examples in both forms and agree too.
+    let mut all = modes();
+    all.push(Mode::Neumann { lambda: 4.0, steps: 4, lr: 0.3, hvp_batch: Some(3), inner_batch: Some(4) });
+    all.push(Mode::FixedPoint { lambda: 4.0, steps: 4, hvp_batch: Some(2), inner_batch: None });
+    check_equal(&Mlp::new(&[1, 8, 8, 1]), &sinusoid_tasks(3, 2), &all, &head_only(3, 0.05));
+}
+
+#[test]
+fn head_only_on_features_applies_only_where_it_is_exact() {
+    let tasks = conv_tasks(1, 4);
+    let theta = CONV.init::<Cpu>(0, F64, &DEV).into_tensors();
+    let (s, q) = (TaskLoss::<_, Cpu>::single(&CONV, &tasks[0].support, F64, &DEV), TaskLoss::<_, Cpu>::single(&CONV, &tasks[0].query, F64, &DEV));
+    let inner = head_only(1, 0.1);
+    assert!(estimate_head_only(&Mode::Maml, &s, &q, &theta, &InnerLoop::new(1, 0.1), None).is_none(), "every parameter adapted");
+    assert!(estimate_head_only(&Mode::Maml, &s, &q, &theta, &InnerLoop { adapted: Adapted::Last(4), ..inner }, None).is_none(), "more than the head adapted");
+    // Adaptive ufo measures its moments over all parameters: the whole model runs.
+    let adaptive = Mode::Ufo(QRule::Adaptive(AdaptiveQ::new(0.5)));
+    let draws = adaptive.draw(1, &inner, &mut ChaCha8Rng::seed_from_u64(0));
+    assert!(estimate_head_only(&adaptive, &s, &q, &theta, &inner, draws.as_ref()).is_none());
+    assert!(estimate_head_only(&Mode::Maml, &s, &q, &theta, &inner, None).is_some());
+}
