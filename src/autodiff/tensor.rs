@@ -7,11 +7,11 @@
 //! names itself and both shapes when they do not fit, instead of failing deep
 //! inside a kernel.
 
-use burn::backend::ops::{BoolTensorOps, ConvOptions, FloatTensorOps};
+use burn::backend::ops::ConvOptions;
 use burn::backend::tensor::{Device, FloatTensor, IntTensor};
 use burn::backend::{
     AutodiffBackend, Backend, DType, FloatDType, Scalar, Shape,
-    TensorData, TensorMetadata, get_device_settings,
+    TensorData, TensorMetadata,
 };
 use burn::backend::Autodiff;
 
@@ -420,11 +420,8 @@ impl<B: Level> Tensor<B> {
         if kernels::native::<B>() {
             return Tensor(B::mask_positive(self.0.clone(), self.0.clone()));
         }
-        let device = self.device();
-        let bool_dtype = get_device_settings::<B::Base>(&device).bool_dtype;
-        let base = B::to_base(self.0.clone());
-        let positive = <B::Base as FloatTensorOps<B::Base>>::float_greater_elem(base, Scalar::Float(0.0), bool_dtype);
-        let mask = <B::Base as BoolTensorOps<B::Base>>::bool_into_float(positive, self.precision().float_dtype());
+        // The mask is a constant: ReLU's second derivative is zero.
+        let mask = kernels::reference::positive_mask::<B::Base>(B::to_base(self.0.clone()));
         self.mul(&Tensor(B::from_base(mask)))
     }
 

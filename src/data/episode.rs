@@ -21,7 +21,11 @@ pub struct LabelledImages {
 impl LabelledImages {
     /// The images as classified examples over `classes` classes.
     pub fn to_examples(&self, classes: usize) -> Examples {
-        Examples::classified(self.images.clone(), self.shape.to_vec(), self.labels.clone(), classes)
+        self.clone().into_examples(classes)
+    }
+
+    pub fn into_examples(self, classes: usize) -> Examples {
+        Examples::classified(self.images, self.shape.to_vec(), self.labels, classes)
     }
 }
 
@@ -35,7 +39,12 @@ pub struct Episode {
 impl Episode {
     /// The episode as a task of `way`-class examples.
     pub fn task(&self) -> Task {
-        Task { support: self.support.to_examples(self.way), query: self.query.to_examples(self.way) }
+        self.clone().into_task()
+    }
+
+    /// The episode as a task, without copying its images.
+    pub fn into_task(self) -> Task {
+        Task { support: self.support.into_examples(self.way), query: self.query.into_examples(self.way) }
     }
 
     pub fn write(&self, path: &Path) -> Result<()> {

@@ -76,11 +76,13 @@ where
 fn solved<Base: BaseBackend, Q: Objective<Base>>(query: &Q, phi: Vec<Tensor<Base>>, hessian: &mut dyn FnMut(&[Tensor<Base>]) -> Vec<Tensor<Base>>, tasks: usize, lambda: f64, solver: LinearSolver, inner: &InnerLoop) -> Hypergradient<Base> {
     let (evaluation, g_query) = evaluate_and_grad(query, &phi);
     let adapted = inner.adapted;
-    let mut apply = |v: &[Tensor<Base>]| axpy(v, 1.0 / lambda, &adapted.mask(&hessian(v)));
     let b = adapted.mask(&g_query);
-    let (x, curvature) = match solver {
-        LinearSolver::ConjugateGradient { steps } => conjugate_gradient_of(&mut apply, tasks, &b, lambda, steps),
-        LinearSolver::Neumann { steps, lr } => neumann_series_of(&mut apply, tasks, &b, lambda, steps, lr),
+    let (x, curvature) = {
+        let mut apply = proximal_system(&mut *hessian, lambda, adapted);
+        match solver {
+            LinearSolver::ConjugateGradient { steps } => conjugate_gradient_of(&mut apply, tasks, &b, lambda, steps),
+            LinearSolver::Neumann { steps, lr } => neumann_series_of(&mut apply, tasks, &b, lambda, steps, lr),
+        }
     };
     let grad = match adapted {
         Adapted::All => x,
@@ -107,11 +109,14 @@ pub fn conjugate_gradient<Base: BaseBackend, S: Objective<Base>>(support: &S, ph
 
 /// `conjugate_gradient`, and a warning when a task met non-positive curvature.
 pub fn conjugate_gradient_checked<Base: BaseBackend, S: Objective<Base>>(support: &S, phi: &[Tensor<Base>], b: &[Tensor<Base>], lambda: f64, steps: usize) -> (Vec<Tensor<Base>>, Option<CurvatureWarning>) {
-    let mut apply = |v: &[Tensor<Base>]| {
-        let (_, _, hv) = hvp(support, phi, v);
-        axpy(v, 1.0 / lambda, &hv)
-    };
+    let mut apply = proximal_system(|v| hvp(support, phi, v).2, lambda, Adapted::All);
     conjugate_gradient_of(&mut apply, support.tasks(), b, lambda, steps)
+}
+
+/// The proximal system's product v ↦ v + MHv/λ from a Hessian product H,
+/// M the mask of adapted parameters (v itself lies in their block).
+pub(crate) fn proximal_system<Base: BaseBackend>(mut hessian: impl FnMut(&[Tensor<Base>]) -> Vec<Tensor<Base>>, lambda: f64, adapted: Adapted) -> impl FnMut(&[Tensor<Base>]) -> Vec<Tensor<Base>> {
+    move |v| axpy(v, 1.0 / lambda, &adapted.mask(&hessian(v)))
 }
 
 /// Conjugate gradient for any product v ↦ Av = v + Hv/λ, per stacked task.

@@ -8,7 +8,8 @@
 
 use crate::autodiff::diff::{Objective, hvp};
 use crate::autodiff::tensor::{BaseBackend, Tensor};
-use crate::hypergrad::inner::axpy;
+use crate::hypergrad::implicit::proximal_system;
+use crate::hypergrad::inner::{Adapted, axpy};
 use crate::hypergrad::result::CurvatureWarning;
 use crate::hypergrad::stack::{scale_tasks, task_dots_many};
 
@@ -17,10 +18,7 @@ use crate::hypergrad::stack::{scale_tasks, task_dots_many};
 /// positive definite there) or ⟨p, Ap⟩ > 2‖p‖²/η (the terms grow) stops
 /// adding terms, and the warning names the λ or η it would take.
 pub fn neumann_series<Base: BaseBackend, S: Objective<Base>>(support: &S, phi: &[Tensor<Base>], b: &[Tensor<Base>], lambda: f64, steps: usize, lr: f64) -> (Vec<Tensor<Base>>, Option<CurvatureWarning>) {
-    let mut apply = |v: &[Tensor<Base>]| {
-        let (_, _, hv) = hvp(support, phi, v);
-        axpy(v, 1.0 / lambda, &hv)
-    };
+    let mut apply = proximal_system(|v| hvp(support, phi, v).2, lambda, Adapted::All);
     neumann_series_of(&mut apply, support.tasks(), b, lambda, steps, lr)
 }
 

@@ -19,7 +19,6 @@ use rand_chacha::ChaCha8Rng;
 use crate::autodiff::backend::OnBackend;
 use crate::autodiff::profile;
 use crate::autodiff::tensor::{BaseBackend, Precision};
-use crate::data::episode::Episode;
 use crate::data::store::write_atomic;
 use crate::data::{BackgroundSampler, EpisodeSampler, EpisodeShape, Split, Task};
 use crate::hypergrad::meta_batch::{Batching, TaskScores};
@@ -132,7 +131,7 @@ pub struct Trainer<B: BaseBackend> {
     pending: Option<Pending>,
     /// The step of the last checkpoint taken, written or pending.
     saved_at: usize,
-    last_episodes: Vec<Episode>,
+    last_tasks: Vec<Task>,
     /// The step of the last curvature warning printed.
     last_curvature_warning: Option<usize>,
     bar: ProgressBar,
@@ -200,7 +199,7 @@ impl<B: BaseBackend> Trainer<B> {
             elapsed_before,
             clock: Instant::now(),
             pending: None,
-            last_episodes: Vec::new(),
+            last_tasks: Vec::new(),
             last_curvature_warning: None,
             bar,
             timings: Vec::new(),
@@ -230,8 +229,7 @@ impl<B: BaseBackend> Trainer<B> {
     /// Adam step, the log, validation and checkpoints when due.
     fn meta_iteration(&mut self) -> Result<()> {
         let start = Instant::now();
-        let episodes: Vec<Episode> = (0..self.config.train.meta_batch).map(|_| self.sampler.next_episode()).collect();
-        let tasks: Vec<Task> = episodes.iter().map(Episode::task).collect();
+        let tasks: Vec<Task> = (0..self.config.train.meta_batch).map(|_| self.sampler.next_episode().into_task()).collect();
         let refs: Vec<&Task> = tasks.iter().collect();
         let data_s = start.elapsed().as_secs_f64();
         let phases_before = profile::totals();
@@ -262,7 +260,7 @@ impl<B: BaseBackend> Trainer<B> {
         let ufo = (!warmup && matches!(self.learner.mode, crate::hypergrad::Mode::Ufo(_))).then_some((meta.q, &meta.exact));
         self.warn_on_curvature(meta.curvature);
         self.record(&scores, ufo, meta.curvature)?;
-        self.last_episodes = episodes;
+        self.last_tasks = tasks;
         let total_s = start.elapsed().as_secs_f64();
         self.timings.push(StepTiming { data_s, hypergradient_s, optimizer_s, other_s: total_s - data_s - hypergradient_s - optimizer_s, phases });
         Ok(())
@@ -341,7 +339,7 @@ impl<B: BaseBackend> Trainer<B> {
     fn finish(&mut self) -> Result<()> {
         let Some(p) = self.pending.take() else { return Ok(()) };
         let inner = self.config.inner();
-        let losses: Vec<f64> = self.last_episodes.iter().map(|e| self.learner.evaluate(&e.task(), &inner).0).collect();
+        let losses: Vec<f64> = self.last_tasks.iter().map(|t| self.learner.evaluate(t, &inner).0).collect();
         let loss = losses.iter().sum::<f64>() / losses.len().max(1) as f64;
         if let Some(why) = divergence(loss, self.threshold.unwrap_or(f64::INFINITY)) {
             return Err(self.diverged(self.step, format!("after the last update, {why}")));

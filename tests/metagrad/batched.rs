@@ -10,18 +10,12 @@ use metagrad::models::{Conv4, FunctionalModel};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use crate::common::{Cpu, DEV, F64};
+use crate::common::{Cpu, DEV, F64, random_episodes};
 
 const MODEL: Conv4 = Conv4 { in_channels: 2, image_size: 16, channels: 4, way: 3 };
 
 fn episodes(tasks: usize, seed: u64) -> Vec<Episode> {
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let mut part = |n: usize| LabelledImages {
-        images: (0..n * 2 * 16 * 16).map(|_| rng.random::<f32>()).collect(),
-        shape: [n, 2, 16, 16],
-        labels: (0..n).map(|i| i % 3).collect(),
-    };
-    (0..tasks).map(|_| Episode { way: 3, support: part(6), query: part(9) }).collect()
+    random_episodes(tasks, seed)
 }
 
 fn tasks(eps: &[Episode]) -> Vec<Task> {

@@ -76,3 +76,16 @@ pub fn fd_hvp<F: Objective<Cpu>>(f: &F, x: &[Tensor<Cpu>], d: &[Tensor<Cpu>]) ->
     let (_, gm) = value_and_grad(f, &axpy(x, -FD_STEP, d));
     flatten(&gp).iter().zip(flatten(&gm)).map(|(p, m)| (p - m) / (2.0 * FD_STEP)).collect()
 }
+
+/// Random episodes for a Conv-4 on 2×16×16 images with 3 classes: 6
+/// support and 9 query images each, labels cycling through the classes.
+pub fn random_episodes(tasks: usize, seed: u64) -> Vec<metagrad::data::episode::Episode> {
+    use metagrad::data::episode::{Episode, LabelledImages};
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let mut part = |n: usize| LabelledImages {
+        images: (0..n * 2 * 16 * 16).map(|_| rng.random::<f32>()).collect(),
+        shape: [n, 2, 16, 16],
+        labels: (0..n).map(|i| i % 3).collect(),
+    };
+    (0..tasks).map(|_| Episode { way: 3, support: part(6), query: part(9) }).collect()
+}

@@ -4,26 +4,20 @@
 
 use metagrad::autodiff::tensor::Tensor;
 use metagrad::data::Task;
-use metagrad::data::episode::{Episode, LabelledImages};
+use metagrad::data::episode::Episode;
 use metagrad::data::sinusoid::SinusoidTasks;
 use metagrad::hypergrad::stack::replicate;
 use metagrad::hypergrad::{Adapted, AdaptiveQ, InnerLoop, Mode, QRule, TaskLoss, estimate, estimate_head_only};
 use metagrad::models::{Conv4, FunctionalModel, Mlp};
-use rand::{Rng, SeedableRng};
+use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
-use crate::common::{Cpu, DEV, F64};
+use crate::common::{Cpu, DEV, F64, random_episodes};
 
 const CONV: Conv4 = Conv4 { in_channels: 2, image_size: 16, channels: 4, way: 3 };
 
 fn conv_tasks(tasks: usize, seed: u64) -> Vec<Task> {
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let mut part = |n: usize| LabelledImages {
-        images: (0..n * 2 * 16 * 16).map(|_| rng.random::<f32>()).collect(),
-        shape: [n, 2, 16, 16],
-        labels: (0..n).map(|i| i % 3).collect(),
-    };
-    (0..tasks).map(|_| Episode { way: 3, support: part(6), query: part(9) }.task()).collect()
+    random_episodes(tasks, seed).iter().map(Episode::task).collect()
 }
 
 fn sinusoid_tasks(tasks: usize, seed: u64) -> Vec<Task> {

@@ -120,9 +120,15 @@ pub fn pool_scatter<B: Backend>(dy: FloatTensor<B>, indices: IntTensor<B>, heigh
     B::float_reshape(dx, Shape::from(vec![d[0], d[1], height, width]))
 }
 
+/// v · [x > 0], elementwise: ReLU's derivative applied to v.
 pub fn mask_positive<B: Backend>(v: FloatTensor<B>, x: FloatTensor<B>) -> FloatTensor<B> {
+    B::float_mul(v, positive_mask::<B>(x))
+}
+
+/// [x > 0] as 0/1 floats of x's precision.
+pub fn positive_mask<B: Backend>(x: FloatTensor<B>) -> FloatTensor<B> {
     let bool_dtype = get_device_settings::<B>(&x.device()).bool_dtype;
     let dtype = float_dtype::<B>(&x);
     let positive = B::float_greater_elem(x, Scalar::Float(0.0), bool_dtype);
-    B::float_mul(v, B::bool_into_float(positive, dtype))
+    B::bool_into_float(positive, dtype)
 }
