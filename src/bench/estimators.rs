@@ -5,7 +5,8 @@
 //! for the implicit family, the same proximal problem), then each estimator
 //! at each setting of its cost knob, with its relative error (mean over
 //! episodes, spread over seeds for ufo), Hessian-vector products, wall time
-//! and peak memory.
+//! and peak memory. ufo has two knobs: q, and S, the number of estimates
+//! averaged per task.
 
 use std::path::Path;
 use std::time::Instant;
@@ -20,7 +21,7 @@ use crate::autodiff::diff::{dot_all, hvp_count};
 use crate::autodiff::tensor::{Precision, Tensor};
 use crate::bench::{MemoryProbe, random_batch};
 use crate::data::task::Task;
-use crate::hypergrad::{CurvatureWarning, InnerLoop, Mode, QRule, TaskLoss, hypergradient};
+use crate::hypergrad::{CurvatureWarning, InnerLoop, Mode, QRule, TaskLoss, hypergradient, ufo_mean};
 use crate::models::{Conv4, FunctionalModel};
 use crate::train::plot::{Series, xy_plot};
 
@@ -38,6 +39,10 @@ pub struct EstimatorStudy {
     /// ufo's q values, and the seeds each (and each stochastic row) is drawn with.
     pub qs: Vec<f64>,
     pub seeds: u64,
+    /// The averaged ufo rows: the mean of S independent estimates at q =
+    /// `ufo_samples_q`, for each S.
+    pub ufo_samples: Vec<usize>,
+    pub ufo_samples_q: f64,
     /// The stochastic neumann rows: random support examples per
     /// Hessian-vector product (stocBiO), at `stochastic_steps` terms.
     pub hvp_batches: Vec<usize>,
@@ -79,12 +84,17 @@ impl EstimatorStudy {
     pub fn run(&self) -> Vec<EstimatorRow> {
         let theta = self.model.init::<Flex>(0, Precision::F64, &Default::default());
         let tasks = self.tasks();
-        let maml_ref: Vec<Vec<Tensor<Flex>>> = tasks.iter().map(|t| self.estimate(&mut Mode::Maml, t, &theta, 0).0).collect();
-        let implicit_ref: Vec<Vec<Tensor<Flex>>> = tasks.iter().map(|t| self.estimate(&mut Mode::Implicit { lambda: self.lambda, cg_steps: 500 }, t, &theta, 0).0).collect();
+        let maml_ref: Vec<Vec<Tensor<Flex>>> = tasks.iter().map(|t| self.estimate(Mode::Maml, t, &theta, 0).0).collect();
+        let implicit_ref: Vec<Vec<Tensor<Flex>>> = tasks.iter().map(|t| self.estimate(Mode::Implicit { lambda: self.lambda, cg_steps: 500 }, t, &theta, 0).0).collect();
         let mut rows = vec![self.row("fomaml", "-", Mode::Fomaml, &tasks, &theta, ("maml", &maml_ref), 1)];
         rows.push(self.row("maml", &format!("r = {}", self.inner.steps), Mode::Maml, &tasks, &theta, ("maml", &maml_ref), 1));
         for &q in &self.qs {
             rows.push(self.row("ufo", &format!("q = {q}"), Mode::Ufo(QRule::Fixed(q)), &tasks, &theta, ("maml", &maml_ref), self.seeds));
+        }
+        let q = self.ufo_samples_q;
+        for &samples in &self.ufo_samples {
+            let estimator = Estimator::UfoMean { q, samples };
+            rows.push(self.row("ufo (mean of S)", &format!("q = {q}, S = {samples}"), estimator, &tasks, &theta, ("maml", &maml_ref), self.seeds));
         }
         let lambda = self.lambda;
         for &k in &self.steps {
@@ -101,23 +111,28 @@ impl EstimatorStudy {
         rows
     }
 
-    /// One task's hypergradient under `mode`, its Hessian-vector products and milliseconds.
-    fn estimate(&self, mode: &mut Mode, task: &Task, theta: &[Tensor<Flex>], seed: u64) -> (Vec<Tensor<Flex>>, usize, f64, Option<CurvatureWarning>) {
+    /// One task's hypergradient by `estimator`, its Hessian-vector products and milliseconds.
+    fn estimate(&self, estimator: impl Into<Estimator>, task: &Task, theta: &[Tensor<Flex>], seed: u64) -> (Vec<Tensor<Flex>>, usize, f64, Option<CurvatureWarning>) {
         let device = Default::default();
         let (s, q) = (TaskLoss::single(&self.model, &task.support, Precision::F64, &device), TaskLoss::single(&self.model, &task.query, Precision::F64, &device));
         let (before, start) = (hvp_count(), Instant::now());
-        let h = hypergradient(mode, &s, &q, theta, &self.inner, &mut ChaCha8Rng::seed_from_u64(seed));
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let h = match estimator.into() {
+            Estimator::Mode(mut mode) => hypergradient(&mut mode, &s, &q, theta, &self.inner, &mut rng),
+            Estimator::UfoMean { q: prob, samples } => ufo_mean(&s, &q, theta, &self.inner, prob, samples, &mut rng).0,
+        };
         (h.grad, hvp_count() - before, start.elapsed().as_secs_f64() * 1e3, h.curvature)
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn row(&self, estimator: &str, setting: &str, mode: Mode, tasks: &[Task], theta: &[Tensor<Flex>], (reference, exact): (&str, &[Vec<Tensor<Flex>>]), seeds: u64) -> EstimatorRow {
+    fn row(&self, name: &str, setting: &str, estimator: impl Into<Estimator>, tasks: &[Task], theta: &[Tensor<Flex>], (reference, exact): (&str, &[Vec<Tensor<Flex>>]), seeds: u64) -> EstimatorRow {
+        let estimator = estimator.into();
         let probe = MemoryProbe::<Flex>::start(&Default::default());
         let (mut per_seed, mut hvps, mut ms, mut stopped, mut warning) = (vec![], 0.0, 0.0, 0, None);
         for seed in 0..seeds {
             let mut error = 0.0;
             for (task, g_ref) in tasks.iter().zip(exact) {
-                let (g, n, t, curvature) = self.estimate(&mut mode.clone(), task, theta, seed);
+                let (g, n, t, curvature) = self.estimate(estimator.clone(), task, theta, seed);
                 stopped += usize::from(curvature.is_some());
                 warning = CurvatureWarning::merge(warning, curvature);
                 let diff: Vec<Tensor<Flex>> = g.iter().zip(g_ref).map(|(a, b)| a.sub(b)).collect();
@@ -131,7 +146,7 @@ impl EstimatorStudy {
         let mean = per_seed.iter().sum::<f64>() / per_seed.len() as f64;
         let spread = (per_seed.iter().map(|e| (e - mean).powi(2)).sum::<f64>() / per_seed.len() as f64).sqrt();
         EstimatorRow {
-            estimator: estimator.into(),
+            estimator: name.into(),
             setting: setting.into(),
             reference: reference.into(),
             relative_error: mean,
@@ -140,7 +155,30 @@ impl EstimatorStudy {
             ms_per_task: ms / runs,
             peak_memory_mib: probe.peak_mib(),
             stopped_early: stopped,
-            solver_warning: warning.zip(mode.proximal_lambda()).map(|(w, lambda)| w.describe(lambda)),
+            solver_warning: warning.zip(estimator.proximal_lambda()).map(|(w, lambda)| w.describe(lambda)),
+        }
+    }
+}
+
+/// What a row runs: a mode as training runs it, or the mean of S fixed-q
+/// ufo estimates on one task (which shares g_fo and g_maml between them).
+#[derive(Clone, Debug)]
+enum Estimator {
+    Mode(Mode),
+    UfoMean { q: f64, samples: usize },
+}
+
+impl From<Mode> for Estimator {
+    fn from(mode: Mode) -> Self {
+        Estimator::Mode(mode)
+    }
+}
+
+impl Estimator {
+    fn proximal_lambda(&self) -> Option<f64> {
+        match self {
+            Estimator::Mode(mode) => mode.proximal_lambda(),
+            Estimator::UfoMean { .. } => None,
         }
     }
 }

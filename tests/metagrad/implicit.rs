@@ -173,6 +173,8 @@ fn estimator_study_rows_fall_to_their_references() {
         steps: vec![1, 4, 40],
         qs: vec![0.5, 1.0],
         seeds: 2,
+        ufo_samples: vec![8],
+        ufo_samples_q: 1.0,
         hvp_batches: vec![2],
         stochastic_steps: 4,
         stochastic_lr: 0.3,
@@ -182,6 +184,9 @@ fn estimator_study_rows_fall_to_their_references() {
     assert_eq!(row("maml", "r = 2").relative_error, 0.0);
     assert_eq!(row("maml", "r = 2").hvps, 2.0);
     assert!(row("ufo", "q = 1").relative_error < 1e-12);
+    // At q = 1 every one of the S estimates is exact, and they share one sweep.
+    let averaged = row("ufo (mean of S)", "q = 1, S = 8");
+    assert!(averaged.relative_error < 1e-12 && averaged.hvps == 2.0, "ufo mean of 8: error {}, {} HVPs", averaged.relative_error, averaged.hvps);
     assert!(row("fomaml", "-").relative_error > 1e-3 && row("fomaml", "-").hvps == 0.0);
     for name in ["implicit (CG)", "neumann", "fixed-point"] {
         let (one, many) = (row(name, "K = 1"), row(name, "K = 40"));

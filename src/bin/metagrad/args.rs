@@ -417,6 +417,12 @@ pub struct EstimatorArgs {
     /// Seeds of ufo's draws per q, and of each stochastic row's subsets.
     #[arg(long, default_value_t = 32)]
     pub seeds: u64,
+    /// S of the averaged ufo rows (the mean of S estimates per task), comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "2,4,16")]
+    pub ufo_samples: Vec<usize>,
+    /// q of the averaged ufo rows.
+    #[arg(long, default_value_t = 0.25)]
+    pub ufo_samples_q: f64,
     /// Support examples per Hessian-vector product of the stochastic neumann rows.
     #[arg(long, value_delimiter = ',', default_value = "3,4")]
     pub hvp_batches: Vec<usize>,

@@ -415,7 +415,7 @@ pub fn bench_estimators(args: crate::args::EstimatorArgs) -> Result<()> {
     }
     let model = Conv4 { channels: args.channels, ..Conv4::omniglot(args.way) };
     eprintln!("comparing hypergradient estimators on {} (f64, cpu), {} episodes", model.describe(), args.episodes);
-    let study = EstimatorStudy { model, episodes: args.episodes, inner, lambda: args.lambda, neumann_lr: args.neumann_lr, steps: args.steps, qs: args.qs, seeds: args.seeds, hvp_batches: args.hvp_batches, stochastic_steps: args.stochastic_steps, stochastic_lr: args.stochastic_lr };
+    let study = EstimatorStudy { model, episodes: args.episodes, inner, lambda: args.lambda, neumann_lr: args.neumann_lr, steps: args.steps, qs: args.qs, seeds: args.seeds, ufo_samples: args.ufo_samples, ufo_samples_q: args.ufo_samples_q, hvp_batches: args.hvp_batches, stochastic_steps: args.stochastic_steps, stochastic_lr: args.stochastic_lr };
     let rows = study.run();
     plot_estimators(&rows, &args.png)?;
     eprintln!("wrote {}", args.png.display());
