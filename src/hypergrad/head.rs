@@ -19,7 +19,7 @@ use rand_chacha::ChaCha8Rng;
 use crate::autodiff::diff::{Evaluation, Objective, backward, lift, lift_constant, lower};
 use crate::autodiff::profile::{Phase, timed};
 use crate::autodiff::tensor::{BaseBackend, Level, Precision, Tensor};
-use crate::hypergrad::inner::{Adapted, InnerLoop};
+use crate::hypergrad::inner::{Adapted, InnerLoop, adapted, proximal_adapt};
 use crate::hypergrad::mode::{Mode, estimate};
 use crate::hypergrad::result::{Draws, Hypergradient};
 use crate::hypergrad::task::{TaskLoss, TaskSubsets, draw_subset, stacked_loss};
@@ -134,12 +134,11 @@ where
     Base: BaseBackend,
 {
     let model = support.model();
-    let head = model.head_parameters();
-    if inner.adapted != Adapted::Last(head) || head != 2 || theta.len() <= head || matches!(draws, Some(Draws::Ufo(d)) if d.observe) {
+    if !applies(model, theta, inner) || matches!(draws, Some(Draws::Ufo(d)) if d.observe) {
         return None;
     }
     let tasks = support.tasks();
-    let split = theta.len() - head;
+    let split = theta.len() - 2;
     let device = theta[0].device();
     // The trunk once, recorded one level up for the pull-back.
     let trunk = lift(&theta[..split]);
@@ -158,4 +157,38 @@ where
     let grad = [trunk_grad, h.grad[2..].to_vec()].concat();
     let adapted = [theta[..split].to_vec(), h.adapted[2..].to_vec()].concat();
     Some(Hypergradient { grad, adapted, ..h })
+}
+
+/// The inner loop's fast weights when it adapts only the linear head (the
+/// proximal problem with `lambda`): the trunk's features once, every step on
+/// the head alone, the trunk returned as it is. None where the model has
+/// no trunk–head split or more than the head is adapted.
+pub fn adapt_head_only<M, Base>(support: &TaskLoss<M, Base>, theta: &[Tensor<Base>], inner: &InnerLoop, lambda: Option<f64>) -> Option<Vec<Tensor<Base>>>
+where
+    M: FunctionalModel,
+    Base: BaseBackend,
+{
+    let model = support.model();
+    if !applies(model, theta, inner) {
+        return None;
+    }
+    let split = theta.len() - 2;
+    let features = model.trunk_features(&theta[..split], support.inputs(), support.tasks())?;
+    let [t, n, width] = features.dims()[..] else { panic!("{}: trunk features of shape {:?}, expected [T, n, F]", model.describe(), features.dims()) };
+    let features = features.reshape(&[t * n, width]);
+    // The query slot is not read by a support loss: the support features stand in.
+    let params = vec![features.clone(), features, theta[split].clone(), theta[split + 1].clone()];
+    let head_inner = InnerLoop { adapted: Adapted::Last(2), ..*inner };
+    let loss = HeadLoss::of(support, SUPPORT_FEATURES);
+    let fast = match lambda {
+        Some(lambda) => proximal_adapt(&loss, &params, &head_inner, lambda),
+        None => adapted(&loss, &params, &head_inner),
+    };
+    Some([theta[..split].to_vec(), fast[2..].to_vec()].concat())
+}
+
+/// Whether the inner loop adapts exactly the model's linear head.
+fn applies<M: FunctionalModel, B: Level>(model: &M, theta: &[Tensor<B>], inner: &InnerLoop) -> bool {
+    let head = model.head_parameters();
+    head == 2 && inner.adapted == Adapted::Last(head) && theta.len() > head
 }

@@ -38,7 +38,7 @@ pub mod task;
 pub mod ufo;
 
 pub use fomaml::fomaml;
-pub use head::{HeadLoss, estimate_head_only};
+pub use head::{HeadLoss, adapt_head_only, estimate_head_only};
 pub use implicit::{LinearSolver, Sampling, conjugate_gradient, implicit, implicit_sampled, implicit_with};
 pub use inner::{Adapted, InnerLoop, adapt, adapted, axpy, inner_step, meta_loss, proximal_adapt, sgd_step};
 pub use maml::{maml, maml_unrolled};

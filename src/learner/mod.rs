@@ -23,6 +23,7 @@ use rand_chacha::ChaCha8Rng;
 use crate::autodiff::diff::Objective;
 use crate::autodiff::tensor::{BaseBackend, Tensor};
 use crate::data::task::{Examples, Task};
+use crate::hypergrad::head::adapt_head_only;
 use crate::hypergrad::inner::{InnerLoop, adapted, proximal_adapt};
 use crate::hypergrad::meta_batch::{Batching, MetaGradient, TaskScores, meta_gradient};
 use crate::hypergrad::mode::Mode;
@@ -61,14 +62,16 @@ impl<M: FunctionalModel, B: BaseBackend> MetaLearner<M, B> {
         self.adapt_with(support, &self.inner)
     }
 
-    /// `adapt` with another inner loop (e.g. more steps at test time).
+    /// `adapt` with another inner loop (e.g. more steps at test time). When
+    /// it adapts only the head, the trunk runs once (`adapt_head_only`).
     pub fn adapt_with(&self, support: &Examples, inner: &InnerLoop) -> Params<B> {
         let theta = self.params.tensors();
         let loss = TaskLoss::single(&self.model, support, theta[0].precision(), &theta[0].device());
-        let fast = match self.mode.proximal_lambda() {
+        let lambda = self.mode.proximal_lambda();
+        let fast = adapt_head_only(&loss, theta, inner, lambda).unwrap_or_else(|| match lambda {
             Some(lambda) => proximal_adapt(&loss, theta, inner, lambda),
             None => adapted(&loss, theta, inner),
-        };
+        });
         self.params.with_tensors(fast)
     }
 

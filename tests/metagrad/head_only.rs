@@ -7,7 +7,7 @@ use metagrad::data::Task;
 use metagrad::data::episode::Episode;
 use metagrad::data::sinusoid::SinusoidTasks;
 use metagrad::hypergrad::stack::replicate;
-use metagrad::hypergrad::{Adapted, AdaptiveQ, InnerLoop, Mode, QRule, TaskLoss, estimate, estimate_head_only};
+use metagrad::hypergrad::{Adapted, AdaptiveQ, InnerLoop, Mode, QRule, TaskLoss, adapt_head_only, adapted, estimate, estimate_head_only, proximal_adapt};
 use metagrad::models::{Conv4, FunctionalModel, Mlp};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -103,4 +103,20 @@ fn head_only_on_features_applies_only_where_it_is_exact() {
     let draws = adaptive.draw(1, &inner, &mut ChaCha8Rng::seed_from_u64(0));
     assert!(estimate_head_only(&adaptive, &s, &q, &theta, &inner, draws.as_ref()).is_none());
     assert!(estimate_head_only(&Mode::Maml, &s, &q, &theta, &inner, None).is_some());
+}
+
+#[test]
+fn head_only_adaptation_on_features_equals_the_whole_model() {
+    let tasks = conv_tasks(1, 6);
+    let theta = CONV.init::<Cpu>(2, F64, &DEV).into_tensors();
+    let s = TaskLoss::<_, Cpu>::single(&CONV, &tasks[0].support, F64, &DEV);
+    let inner = head_only(10, 0.1);
+    let fast = adapt_head_only(&s, &theta, &inner, None).expect("a trunk and a linear head");
+    assert!(max_relative_difference(&fast, &adapted(&s, &theta, &inner)) < 1e-12, "plain inner loop");
+    let fast = adapt_head_only(&s, &theta, &inner, Some(3.0)).expect("a trunk and a linear head");
+    assert!(max_relative_difference(&fast, &proximal_adapt(&s, &theta, &inner, 3.0)) < 1e-12, "proximal inner loop");
+    // The head moved, the trunk did not.
+    assert!(max_relative_difference(&fast[16..], &theta[16..]) > 1e-6);
+    assert_eq!(fast[..16].iter().map(|t| t.to_vec()).collect::<Vec<_>>(), theta[..16].iter().map(|t| t.to_vec()).collect::<Vec<_>>());
+    assert!(adapt_head_only(&s, &theta, &InnerLoop::new(1, 0.1), None).is_none());
 }
