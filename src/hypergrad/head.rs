@@ -142,11 +142,7 @@ where
     let device = theta[0].device();
     // The trunk once, recorded one level up for the pull-back.
     let trunk = lift(&theta[..split]);
-    let features = |loss: &TaskLoss<M, Base>| {
-        let f = model.trunk_features(&trunk, &Tensor::from_base(loss.inputs()), tasks)?;
-        let [t, n, width] = f.dims()[..] else { panic!("{}: trunk features of shape {:?}, expected [T, n, F]", model.describe(), f.dims()) };
-        Some(f.reshape(&[t * n, width]))
-    };
+    let features = |loss: &TaskLoss<M, Base>| stacked_features(model, &trunk, &Tensor::from_base(loss.inputs()), tasks);
     let (f_s, f_q) = timed::<Base, _>(Phase::Forward, &device, || Some((features(support)?, features(query)?)))?;
     let params = vec![lower(f_s.clone()), lower(f_q.clone()), theta[split].clone(), theta[split + 1].clone()];
     let head_inner = InnerLoop { adapted: Adapted::Last(2), ..*inner };
@@ -173,9 +169,7 @@ where
         return None;
     }
     let split = theta.len() - 2;
-    let features = model.trunk_features(&theta[..split], support.inputs(), support.tasks())?;
-    let [t, n, width] = features.dims()[..] else { panic!("{}: trunk features of shape {:?}, expected [T, n, F]", model.describe(), features.dims()) };
-    let features = features.reshape(&[t * n, width]);
+    let features = stacked_features(model, &theta[..split], support.inputs(), support.tasks())?;
     // The query slot is not read by a support loss: the support features stand in.
     let params = vec![features.clone(), features, theta[split].clone(), theta[split + 1].clone()];
     let head_inner = InnerLoop { adapted: Adapted::Last(2), ..*inner };
@@ -191,4 +185,11 @@ where
 fn applies<M: FunctionalModel, B: Level>(model: &M, theta: &[Tensor<B>], inner: &InnerLoop) -> bool {
     let head = model.head_parameters();
     head == 2 && inner.adapted == Adapted::Last(head) && theta.len() > head
+}
+
+/// The trunk's features of T tasks as one parameter [T·n, F], task by task.
+fn stacked_features<M: FunctionalModel, B: Level>(model: &M, trunk: &[Tensor<B>], inputs: &Tensor<B>, tasks: usize) -> Option<Tensor<B>> {
+    let features = model.trunk_features(trunk, inputs, tasks)?;
+    let [t, n, width] = features.dims()[..] else { panic!("{}: trunk features of shape {:?}, expected [T, n, F]", model.describe(), features.dims()) };
+    Some(features.reshape(&[t * n, width]))
 }
