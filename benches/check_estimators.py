@@ -1,6 +1,8 @@
 #!/usr/bin/env python3
-"""Every hypergradient mode of `metagrad hypergrad` against an independent
-PyTorch implementation of its definition, in float64, on fresh inputs:
+"""The deterministic hypergradient modes of `metagrad hypergrad` against an
+independent PyTorch implementation of their definitions, in float64, on
+fresh inputs (the random ones, ufo and the subset options, are checked by
+their means in `cargo test`):
 maml, fomaml, implicit (conjugate gradient), neumann and fixed-point (the
 truncated Neumann series), each with every parameter adapted and with the
 head only (ANIL: the trunk's hypergradient through the adapted head).

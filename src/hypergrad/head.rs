@@ -12,6 +12,12 @@
 //! held out of the inner loop (second-order trunk–head terms included, since
 //! H_{θw} = J_sᵀ H_{F_s w}); the inner steps and Hessian-vector products
 //! never touch the trunk.
+//!
+//! One definition differs on purpose: the random subsets of `hvp_batch` and
+//! `inner_batch` pick rows of the features of the whole support set. With
+//! batch norm in the trunk that makes each subset loss an unbiased estimate
+//! of the full-batch loss, which the whole model's subsets (batch statistics
+//! of the subset) are not; without batch norm the two agree.
 
 use burn::backend::tensor::Device;
 use rand_chacha::ChaCha8Rng;
@@ -19,7 +25,7 @@ use rand_chacha::ChaCha8Rng;
 use crate::autodiff::diff::{Evaluation, Objective, backward, lift, lift_constant, lower};
 use crate::autodiff::profile::{Phase, timed};
 use crate::autodiff::tensor::{BaseBackend, Level, Precision, Tensor};
-use crate::hypergrad::inner::{Adapted, InnerLoop, adapted, proximal_adapt};
+use crate::hypergrad::inner::{Adapted, InnerLoop, adapt_to};
 use crate::hypergrad::mode::{Mode, estimate};
 use crate::hypergrad::result::{Draws, Hypergradient};
 use crate::hypergrad::task::{TaskLoss, TaskSubsets, draw_subset, stacked_loss};
@@ -124,7 +130,8 @@ impl<M: FunctionalModel, Base: BaseBackend> TaskSubsets for HeadLoss<'_, M, Base
 
 /// `estimate` for a stack of tasks whose inner loop adapts only the model's
 /// linear head, on the trunk's features: the same hypergradient as the
-/// whole model with `inner.adapted` = Last(2), stacked like θ. None when
+/// whole model with `inner.adapted` = Last(2), stacked like θ (random
+/// subsets: see the module's note). None when
 /// this does not apply: the inner loop adapts more than the head, the model
 /// has no trunk–head split, or the mode measures norms over all parameters
 /// (adaptive ufo's moments), and the caller runs the whole model instead.
@@ -144,14 +151,13 @@ where
     let trunk = lift(&theta[..split]);
     let features = |loss: &TaskLoss<M, Base>| stacked_features(model, &trunk, &Tensor::from_base(loss.inputs()), tasks);
     let (f_s, f_q) = timed::<Base, _>(Phase::Forward, &device, || Some((features(support)?, features(query)?)))?;
-    let params = vec![lower(f_s.clone()), lower(f_q.clone()), theta[split].clone(), theta[split + 1].clone()];
-    let head_inner = InnerLoop { adapted: Adapted::Last(2), ..*inner };
+    let (params, head_inner) = head_problem(lower(f_s.clone()), lower(f_q.clone()), theta, inner);
     let h = estimate(mode, &HeadLoss::of(support, SUPPORT_FEATURES), &HeadLoss::of(query, QUERY_FEATURES), &params, &head_inner, draws);
     let cotangents = lift_constant(&h.grad[..2]);
     let pullback = f_s.dot(&cotangents[SUPPORT_FEATURES]).add(&f_q.dot(&cotangents[QUERY_FEATURES]));
     let trunk_grad = timed::<Base, _>(Phase::Backward, &device, || backward(&pullback, &trunk));
     let grad = [trunk_grad, h.grad[2..].to_vec()].concat();
-    let adapted = [theta[..split].to_vec(), h.adapted[2..].to_vec()].concat();
+    let adapted = with_head(theta, &h.adapted);
     Some(Hypergradient { grad, adapted, ..h })
 }
 
@@ -171,14 +177,21 @@ where
     let split = theta.len() - 2;
     let features = stacked_features(model, &theta[..split], support.inputs(), support.tasks())?;
     // The query slot is not read by a support loss: the support features stand in.
-    let params = vec![features.clone(), features, theta[split].clone(), theta[split + 1].clone()];
-    let head_inner = InnerLoop { adapted: Adapted::Last(2), ..*inner };
-    let loss = HeadLoss::of(support, SUPPORT_FEATURES);
-    let fast = match lambda {
-        Some(lambda) => proximal_adapt(&loss, &params, &head_inner, lambda),
-        None => adapted(&loss, &params, &head_inner),
-    };
-    Some([theta[..split].to_vec(), fast[2..].to_vec()].concat())
+    let (params, head_inner) = head_problem(features.clone(), features, theta, inner);
+    let fast = adapt_to(&HeadLoss::of(support, SUPPORT_FEATURES), &params, &head_inner, lambda);
+    Some(with_head(theta, &fast))
+}
+
+/// The feature problem's parameters [F_s, F_q, W, b] and its inner loop,
+/// which adapts W and b.
+fn head_problem<B: Level>(support_features: Tensor<B>, query_features: Tensor<B>, theta: &[Tensor<B>], inner: &InnerLoop) -> (Vec<Tensor<B>>, InnerLoop) {
+    let head = &theta[theta.len() - 2..];
+    (vec![support_features, query_features, head[0].clone(), head[1].clone()], InnerLoop { adapted: Adapted::Last(2), ..*inner })
+}
+
+/// θ's trunk with the head of a feature problem's parameters.
+fn with_head<B: Level>(theta: &[Tensor<B>], problem: &[Tensor<B>]) -> Vec<Tensor<B>> {
+    [&theta[..theta.len() - 2], &problem[2..]].concat()
 }
 
 /// Whether the inner loop adapts exactly the model's linear head.

@@ -125,6 +125,15 @@ pub fn proximal_adapt<Base: BaseBackend, S: Objective<Base>>(support: &S, theta:
     adapted(&objective, theta, inner)
 }
 
+/// The fast weights a mode adapts to: the proximal problem's with `lambda`
+/// (the implicit modes, at training and test time), else the plain loop's.
+pub fn adapt_to<Base: BaseBackend, S: Objective<Base>>(support: &S, theta: &[Tensor<Base>], inner: &InnerLoop, lambda: Option<f64>) -> Vec<Tensor<Base>> {
+    match lambda {
+        Some(lambda) => proximal_adapt(support, theta, inner, lambda),
+        None => adapted(support, theta, inner),
+    }
+}
+
 /// `proximal_adapt` with each inner step on `size` random examples of each
 /// task (stochastic implicit differentiation's inner solve).
 pub fn proximal_adapt_sampled<Base: BaseBackend, S: Objective<Base> + TaskSubsets>(support: &S, theta: &[Tensor<Base>], inner: &InnerLoop, lambda: f64, size: usize, rngs: &mut [ChaCha8Rng]) -> Vec<Tensor<Base>> {

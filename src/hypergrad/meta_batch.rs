@@ -14,7 +14,7 @@ use crate::autodiff::tensor::{BaseBackend, Tensor};
 use crate::data::task::Task;
 use crate::hypergrad::head::estimate_head_only;
 use crate::hypergrad::inner::{InnerLoop, axpy};
-use crate::hypergrad::mode::{Mode, estimate};
+use crate::hypergrad::mode::{Mode, drawn, estimate};
 use crate::hypergrad::result::{CurvatureWarning, Draws, Hypergradient};
 use crate::hypergrad::stack::{replicate, task_sum};
 use crate::hypergrad::task::{TaskLoss, accuracy, accuracy_of_rows};
@@ -118,7 +118,8 @@ fn losses<'a, M: FunctionalModel, Base: BaseBackend>(model: &'a M, tasks: &[&'a 
 }
 
 /// `estimate` on a model's tasks: on the trunk's features when only the
-/// linear head is adapted (head.rs), else through the whole model.
+/// linear head is adapted and the mode allows it (head.rs), else through
+/// the whole model.
 fn estimate_tasks<M: FunctionalModel, Base: BaseBackend>(mode: &Mode, support: &TaskLoss<M, Base>, query: &TaskLoss<M, Base>, theta: &[Tensor<Base>], inner: &InnerLoop, draws: Option<&Draws>) -> Hypergradient<Base> {
     estimate_head_only(mode, support, query, theta, inner, draws).unwrap_or_else(|| estimate(mode, support, query, theta, inner, draws))
 }
@@ -210,9 +211,7 @@ fn parallel_map<T: Send>(n: usize, f: impl Fn(usize) -> T + Sync) -> Vec<T> {
 /// adaptation (classification; None for regression targets).
 pub fn task_hypergradient<M: FunctionalModel, Base: BaseBackend>(mode: &mut Mode, model: &M, task: &Task, theta: &[Tensor<Base>], inner: &InnerLoop, rng: &mut impl Rng) -> (Hypergradient<Base>, Option<f64>) {
     let (support, query) = losses(model, &[task], theta);
-    let draws = mode.draw(1, inner, rng);
-    let h = estimate_tasks(mode, &support, &query, theta, inner, draws.as_ref());
-    mode.observe(&h.observations);
+    let h = drawn(mode, 1, inner, rng, |mode, draws| estimate_tasks(mode, &support, &query, theta, inner, draws));
     let logits = h.query.output.as_ref().expect("a task loss evaluation carries its outputs");
     let accuracy = task.query.targets.labels().map(|labels| accuracy(logits, labels));
     (h, accuracy)

@@ -20,8 +20,10 @@
 //! - `neumann` (AID-NS, as in stocBiO) and `fixed-point` (AID-FP): the same
 //!   system by a truncated Neumann series, with step η or with η = αλ.
 //!
-//! With head-only adaptation (`Adapted::Last`) every mode runs on the
-//! trunk's features, computed once per task (head.rs).
+//! With head-only adaptation (`Adapted::Last(2)`) on a model with a
+//! trunk–head split, training and test-time adaptation run on the trunk's
+//! features, computed once per task (head.rs); adaptive ufo, whose moments
+//! are norms over all parameters, runs through the whole model.
 
 pub mod files;
 pub mod fomaml;
@@ -40,7 +42,7 @@ pub mod ufo;
 pub use fomaml::fomaml;
 pub use head::{HeadLoss, adapt_head_only, estimate_head_only};
 pub use implicit::{LinearSolver, Sampling, conjugate_gradient, implicit, implicit_sampled, implicit_with};
-pub use inner::{Adapted, InnerLoop, adapt, adapted, axpy, inner_step, meta_loss, proximal_adapt, sgd_step};
+pub use inner::{Adapted, InnerLoop, adapt, adapt_to, adapted, axpy, inner_step, meta_loss, proximal_adapt, sgd_step};
 pub use maml::{maml, maml_unrolled};
 pub use meta_batch::{Batching, MetaGradient, TaskScores, meta_gradient, task_hypergradient};
 pub use mode::{Mode, estimate, hypergradient};

@@ -185,8 +185,14 @@ where
     S: Objective<Base> + TaskSubsets,
     Q: Objective<Base>,
 {
-    let draws = mode.draw(support.tasks(), inner, rng);
-    let h = estimate(mode, support, query, theta, inner, draws.as_ref());
+    drawn(mode, support.tasks(), inner, rng, |mode, draws| estimate(mode, support, query, theta, inner, draws))
+}
+
+/// Draw the mode's random choices for `tasks` tasks, run `estimator` with
+/// them, and let an adaptive rule observe what it measured.
+pub fn drawn<Base: BaseBackend>(mode: &mut Mode, tasks: usize, inner: &InnerLoop, rng: &mut impl Rng, estimator: impl FnOnce(&Mode, Option<&Draws>) -> Hypergradient<Base>) -> Hypergradient<Base> {
+    let draws = mode.draw(tasks, inner, rng);
+    let h = estimator(mode, draws.as_ref());
     mode.observe(&h.observations);
     h
 }

@@ -24,7 +24,7 @@ use crate::autodiff::diff::Objective;
 use crate::autodiff::tensor::{BaseBackend, Tensor};
 use crate::data::task::{Examples, Task};
 use crate::hypergrad::head::adapt_head_only;
-use crate::hypergrad::inner::{InnerLoop, adapted, proximal_adapt};
+use crate::hypergrad::inner::{InnerLoop, adapt_to};
 use crate::hypergrad::meta_batch::{Batching, MetaGradient, TaskScores, meta_gradient};
 use crate::hypergrad::mode::Mode;
 use crate::hypergrad::task::{TaskLoss, accuracy};
@@ -68,10 +68,7 @@ impl<M: FunctionalModel, B: BaseBackend> MetaLearner<M, B> {
         let theta = self.params.tensors();
         let loss = TaskLoss::single(&self.model, support, theta[0].precision(), &theta[0].device());
         let lambda = self.mode.proximal_lambda();
-        let fast = adapt_head_only(&loss, theta, inner, lambda).unwrap_or_else(|| match lambda {
-            Some(lambda) => proximal_adapt(&loss, theta, inner, lambda),
-            None => adapted(&loss, theta, inner),
-        });
+        let fast = adapt_head_only(&loss, theta, inner, lambda).unwrap_or_else(|| adapt_to(&loss, theta, inner, lambda));
         self.params.with_tensors(fast)
     }
 

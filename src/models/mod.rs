@@ -96,7 +96,7 @@ pub trait FunctionalModel: Sync {
     }
 
     /// For a model that is a trunk followed by a linear head (the last two
-    /// parameters, weight [K, F] and bias [K]): the trunk's features
+    /// parameters, weight [K, F] and bias [K] per task): the trunk's features
     /// [T, n, F] from the other parameters, such that `forward` is `head`
     /// of them. Head-only adaptation then runs the trunk once per task
     /// instead of in every inner step and Hessian-vector product. None (the

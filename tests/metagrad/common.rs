@@ -89,3 +89,16 @@ pub fn random_episodes(tasks: usize, seed: u64) -> Vec<metagrad::data::episode::
     };
     (0..tasks).map(|_| Episode { way: 3, support: part(6), query: part(9) }).collect()
 }
+
+/// The mean of random estimates (one flattened vector each) lies within 4
+/// standard errors of `expected`, the standard error from the sample
+/// variance, which must not be zero.
+pub fn assert_mean_within_4_standard_errors(draws: &[Vec<f64>], expected: &[f64], what: &str) {
+    let n = draws.len() as f64;
+    let mean: Vec<f64> = (0..expected.len()).map(|i| draws.iter().map(|d| d[i]).sum::<f64>() / n).collect();
+    let variance: f64 = draws.iter().map(|d| d.iter().zip(&mean).map(|(a, m)| (a - m).powi(2)).sum::<f64>()).sum::<f64>() / (n - 1.0);
+    let standard_error = (variance / n).sqrt();
+    let error = norm(&mean.iter().zip(expected).map(|(a, b)| a - b).collect::<Vec<_>>());
+    assert!(variance > 0.0, "{what}: the random draws made no difference");
+    assert!(error <= 4.0 * standard_error, "{what}: ‖mean − expected‖ = {error:.3e} exceeds 4 standard errors ({standard_error:.3e})");
+}

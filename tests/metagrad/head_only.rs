@@ -7,12 +7,12 @@ use metagrad::data::Task;
 use metagrad::data::episode::Episode;
 use metagrad::data::sinusoid::SinusoidTasks;
 use metagrad::hypergrad::stack::replicate;
-use metagrad::hypergrad::{Adapted, AdaptiveQ, InnerLoop, Mode, QRule, TaskLoss, adapt_head_only, adapted, estimate, estimate_head_only, proximal_adapt};
+use metagrad::hypergrad::{Adapted, AdaptiveQ, Draws, InnerLoop, Mode, QRule, TaskLoss, adapt_head_only, adapted, estimate, estimate_head_only, proximal_adapt};
 use metagrad::models::{Conv4, FunctionalModel, Mlp};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
-use crate::common::{Cpu, DEV, F64, random_episodes};
+use crate::common::{Cpu, DEV, F64, assert_mean_within_4_standard_errors, flatten, random_episodes};
 
 const CONV: Conv4 = Conv4 { in_channels: 2, image_size: 16, channels: 4, way: 3 };
 
@@ -119,4 +119,28 @@ fn head_only_adaptation_on_features_equals_the_whole_model() {
     assert!(max_relative_difference(&fast[16..], &theta[16..]) > 1e-6);
     assert_eq!(fast[..16].iter().map(|t| t.to_vec()).collect::<Vec<_>>(), theta[..16].iter().map(|t| t.to_vec()).collect::<Vec<_>>());
     assert!(adapt_head_only(&s, &theta, &InnerLoop::new(1, 0.1), None).is_none());
+}
+
+#[test]
+fn head_only_random_subsets_average_to_the_full_batch_on_a_conv4() {
+    // Batch norm in the trunk: the subsets pick rows of the full-batch
+    // features, so each Hessian-vector product's subset Hessian is an
+    // unbiased estimate of the full-batch head's, and the series' mean is
+    // the deterministic series (independent subsets per product).
+    let tasks = conv_tasks(1, 8);
+    let theta = CONV.init::<Cpu>(4, F64, &DEV).into_tensors();
+    let (s, q) = (TaskLoss::<_, Cpu>::single(&CONV, &tasks[0].support, F64, &DEV), TaskLoss::<_, Cpu>::single(&CONV, &tasks[0].query, F64, &DEV));
+    let inner = head_only(2, 0.02);
+    let deterministic = Mode::Neumann { lambda: 10.0, steps: 4, lr: 0.3, hvp_batch: None, inner_batch: None };
+    let stochastic = Mode::Neumann { lambda: 10.0, steps: 4, lr: 0.3, hvp_batch: Some(3), inner_batch: None };
+    let exact = estimate_head_only(&deterministic, &s, &q, &theta, &inner, None).expect("a trunk and a linear head");
+    assert!(exact.curvature.is_none(), "the deterministic series must converge cleanly");
+    let draws: Vec<Vec<f64>> = (0..300)
+        .map(|seed| {
+            let h = estimate_head_only(&stochastic, &s, &q, &theta, &inner, Some(&Draws::Subsets(vec![seed]))).expect("a trunk and a linear head");
+            assert!(h.curvature.is_none(), "seed {seed}: a stochastic series stopped early");
+            flatten(&h.grad)
+        })
+        .collect();
+    assert_mean_within_4_standard_errors(&draws, &flatten(&exact.grad), "head-only neumann with hvp_batch on a Conv-4");
 }

@@ -217,13 +217,7 @@ fn averages_to(mode: &Mode, deterministic: &Mode, model: &metagrad::models::Mlp,
             flatten(&h.grad)
         })
         .collect();
-    let n = samples as f64;
-    let mean: Vec<f64> = (0..exact.len()).map(|i| draws.iter().map(|d| d[i]).sum::<f64>() / n).collect();
-    let variance: f64 = draws.iter().map(|d| d.iter().zip(&mean).map(|(a, m)| (a - m).powi(2)).sum::<f64>()).sum::<f64>() / (n - 1.0);
-    let standard_error = (variance / n).sqrt();
-    let error = norm(&mean.iter().zip(&exact).map(|(a, b)| a - b).collect::<Vec<_>>());
-    assert!(variance > 0.0, "{}: the subsets made no difference", mode.name());
-    assert!(error <= 4.0 * standard_error, "{}: ‖mean − deterministic‖ = {error:.3e} exceeds 4 standard errors ({standard_error:.3e})", mode.name());
+    assert_mean_within_4_standard_errors(&draws, &exact, mode.name());
 }
 
 #[test]
