@@ -11,7 +11,8 @@
 #      workloads, while nvidia-smi samples GPU utilisation,
 #   4. writes every table and JSON to $OUT (summary.md first).
 # Each step has its own time limit and the whole check a budget (default
-# 520 s: on an H100 every step fits in about 500 s), so it always ends in time and keeps what it measured.
+# 520 s: on an H100 every step fits in about 510 s), so it always ends in
+# time and keeps what it measured.
 #
 #   bash benches/gpu_check.sh              # on the GPU machine (benches/README.md has the device command)
 #   bash benches/gpu_check.sh --dry-run    # anywhere with a wgpu adapter (lavapipe too): tiny meta-batches
