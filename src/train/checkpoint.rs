@@ -204,7 +204,9 @@ pub fn resolve(arg: Option<&str>, checkpoint_root: &Path, default_run: &Path) ->
 }
 
 /// Delete all but the newest `keep` step folders, never the ones in `protect`;
-/// also clears temporary folders left by an interrupted write.
+/// also clears temporary folders left by an interrupted write. Evaluations
+/// of a pruned checkpoint (`metagrad eval`'s JSON files) are results, not
+/// checkpoint state: they move to `<run>/evals/<step>-<file>` first.
 pub fn prune(run_dir: &Path, keep: usize, protect: &[PathBuf]) -> Result<()> {
     let mut steps = Vec::new();
     for entry in fs::read_dir(run_dir)?.flatten() {
@@ -221,7 +223,23 @@ pub fn prune(run_dir: &Path, keep: usize, protect: &[PathBuf]) -> Result<()> {
     let excess = steps.len().saturating_sub(keep.max(1));
     for dir in steps.into_iter().take(excess) {
         if !protect.contains(&dir) {
+            keep_evaluations(&dir, run_dir)?;
             fs::remove_dir_all(&dir).with_context(|| format!("cannot remove the old checkpoint {}", dir.display()))?;
+        }
+    }
+    Ok(())
+}
+
+/// Move a step folder's evaluation records to `<run>/evals/`.
+fn keep_evaluations(step_dir: &Path, run_dir: &Path) -> Result<()> {
+    let step = step_dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    for entry in fs::read_dir(step_dir)?.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with("eval-") && name.ends_with(".json") {
+            let evals = run_dir.join("evals");
+            fs::create_dir_all(&evals).with_context(|| format!("cannot create {}", evals.display()))?;
+            let to = evals.join(format!("{step}-{name}"));
+            fs::rename(entry.path(), &to).with_context(|| format!("cannot keep the evaluation {} as {}", entry.path().display(), to.display()))?;
         }
     }
     Ok(())

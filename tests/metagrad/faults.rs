@@ -228,3 +228,18 @@ fn stopping_before_the_first_step_saves_nothing_and_says_so() {
     assert!(outcome.interrupted && outcome.latest.is_none() && outcome.step == 0);
     assert!(Checkpoint::read(&outcome.run_dir.join("step-0000000")).is_err());
 }
+
+#[test]
+fn pruning_a_checkpoint_keeps_its_evaluations() {
+    use metagrad::train::checkpoint::prune;
+    let run = crate::common::fresh_dir("prune-evals");
+    for step in ["step-0000003", "step-0000006", "step-0000009"] {
+        std::fs::create_dir_all(run.join(step)).unwrap();
+        std::fs::write(run.join(step).join("params.safetensors"), b"weights").unwrap();
+    }
+    std::fs::write(run.join("step-0000003/eval-test-600ep-3steps-seed0.json"), b"{\"accuracy\": 0.99}\n").unwrap();
+    prune(&run, 1, &[]).unwrap();
+    assert!(!run.join("step-0000003").exists() && !run.join("step-0000006").exists() && run.join("step-0000009").exists());
+    let kept = run.join("evals/step-0000003-eval-test-600ep-3steps-seed0.json");
+    assert_eq!(std::fs::read_to_string(&kept).unwrap(), "{\"accuracy\": 0.99}\n", "the evaluation of a pruned checkpoint is lost");
+}
