@@ -69,6 +69,17 @@ pub enum InnerParams {
     Head,
 }
 
+impl InnerParams {
+    /// What the inner loop adapts, for a model whose head is its last
+    /// `head_parameters` tensors.
+    pub fn adapted(self, head_parameters: usize) -> Adapted {
+        match self {
+            InnerParams::All => Adapted::All,
+            InnerParams::Head => Adapted::Last(head_parameters),
+        }
+    }
+}
+
 /// Whether a meta-batch runs as one stacked network.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -359,10 +370,7 @@ impl Config {
     }
 
     fn adapted(&self) -> Adapted {
-        match self.train.inner_params {
-            InnerParams::All => Adapted::All,
-            InnerParams::Head => Adapted::Last(self.model().map_or(2, |m| m.head_parameters())),
-        }
+        self.train.inner_params.adapted(self.model().map_or(2, |m| m.head_parameters()))
     }
 
     pub fn episode_shape(&self) -> EpisodeShape {

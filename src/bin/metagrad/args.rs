@@ -11,7 +11,7 @@ use metagrad::data::dataset::{DatasetKind, DatasetSpec};
 use metagrad::data::episode::Episode;
 use metagrad::data::{EpisodeSampler, EpisodeShape};
 use metagrad::hypergrad::{AdaptiveQ, Mode, QRule};
-use metagrad::train::config::Config;
+use metagrad::train::config::{Config, InnerParams};
 
 #[derive(Parser)]
 #[command(name = "metagrad", version, about = "Deep meta-learning with exact hypergradients (MAML, FO-MAML, UFO-BLO, iMAML) on the GPU")]
@@ -176,6 +176,15 @@ impl HypergradArgs {
             "neumann" => Mode::Neumann { lambda: self.lambda, steps: self.neumann_steps, lr: self.neumann_lr, hvp_batch: self.hvp_batch, inner_batch: self.inner_batch },
             "fixed-point" => Mode::FixedPoint { lambda: self.lambda, steps: self.neumann_steps, hvp_batch: self.hvp_batch, inner_batch: self.inner_batch },
             other => bail!("unknown mode '{other}': expected one of {}", Mode::NAMES),
+        })
+    }
+
+    /// `--inner-params`, as `train.inner_params` reads it.
+    pub fn inner_params(&self) -> Result<InnerParams> {
+        Ok(match self.inner_params.as_str() {
+            "all" => InnerParams::All,
+            "head" => InnerParams::Head,
+            other => bail!("unknown --inner-params '{other}': expected all or head"),
         })
     }
 }

@@ -17,7 +17,7 @@ use metagrad::data::episode::Episode;
 use metagrad::data::fetch::{self, Source};
 use metagrad::data::store::{read_safetensors, write_atomic, write_safetensors};
 use metagrad::data::{fixed_episodes, mini_imagenet};
-use metagrad::hypergrad::{Adapted, InnerLoop, Mode};
+use metagrad::hypergrad::{InnerLoop, Mode};
 use metagrad::hypergrad::files::EpisodeHypergradient;
 use metagrad::models::params::save_params;
 use metagrad::models::{Conv4, FunctionalModel, check_task_fits};
@@ -289,10 +289,7 @@ pub fn hypergrad(args: HypergradArgs) -> Result<()> {
     let episode = Episode::read(&args.episode)?;
     let params = read_safetensors(&args.params)?;
     let model = Conv4::infer(&params, episode.support.shape[2], &args.params.display().to_string())?;
-    let mut inner = InnerLoop::new(args.inner_steps, args.inner_lr);
-    if args.inner_params == "head" {
-        inner.adapted = Adapted::Last(model.head_parameters());
-    }
+    let inner = InnerLoop { adapted: args.inner_params()?.adapted(model.head_parameters()), ..InnerLoop::new(args.inner_steps, args.inner_lr) };
     mode.validate(&inner)?;
     check_task_fits(&model, &episode.task(), &args.episode.display().to_string())?;
     let selection = args.backend.select()?;
@@ -404,14 +401,14 @@ pub fn bench_estimators(args: crate::args::EstimatorArgs) -> Result<()> {
     for lr in [args.neumann_lr, args.stochastic_lr] {
         Mode::Neumann { lambda: args.lambda, steps: 1, lr, hvp_batch: None, inner_batch: None }.validate(&inner)?;
     }
-    if args.episodes == 0 || args.seeds == 0 || args.stochastic_steps == 0 || args.steps.contains(&0) {
-        bail!("--episodes, --seeds, --stochastic-steps and every --steps value must be at least 1");
+    if args.episodes == 0 || args.seeds == 0 || args.stochastic_steps == 0 || args.steps.contains(&0) || args.ufo_samples.contains(&0) {
+        bail!("--episodes, --seeds, --stochastic-steps and every --steps and --ufo-samples value must be at least 1");
     }
     if let Some(b) = args.hvp_batches.iter().find(|&&b| b == 0 || b > args.way) {
         bail!("--hvp-batches: b = {b}; a task has {} support examples (1-shot), so use 1 to {}", args.way, args.way);
     }
-    if let Some(q) = args.qs.iter().find(|q| !(**q > 0.0 && **q <= 1.0)) {
-        bail!("--qs: q = {q} is not in (0, 1]");
+    if let Some(q) = args.qs.iter().chain([&args.ufo_samples_q]).find(|q| !(**q > 0.0 && **q <= 1.0)) {
+        bail!("--qs or --ufo-samples-q: q = {q} is not in (0, 1]");
     }
     let model = Conv4 { channels: args.channels, ..Conv4::omniglot(args.way) };
     eprintln!("comparing hypergradient estimators on {} (f64, cpu), {} episodes", model.describe(), args.episodes);
