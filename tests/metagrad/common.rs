@@ -102,3 +102,21 @@ pub fn assert_mean_within_4_standard_errors(draws: &[Vec<f64>], expected: &[f64]
     assert!(variance > 0.0, "{what}: the random draws made no difference");
     assert!(error <= 4.0 * standard_error, "{what}: ‖mean − expected‖ = {error:.3e} exceeds 4 standard errors ({standard_error:.3e})");
 }
+
+/// A task's support and query losses, f64 on the CPU.
+pub fn task_losses<'a, M: metagrad::models::FunctionalModel>(model: &'a M, task: &'a metagrad::data::Task) -> (metagrad::hypergrad::TaskLoss<'a, M, Cpu>, metagrad::hypergrad::TaskLoss<'a, M, Cpu>) {
+    use metagrad::hypergrad::TaskLoss;
+    (TaskLoss::single(model, &task.support, F64, &DEV), TaskLoss::single(model, &task.query, F64, &DEV))
+}
+
+/// Head-only adaptation (ANIL): the inner loop adapts the last layer only.
+pub fn head_only(steps: usize, lr: f64) -> metagrad::hypergrad::InnerLoop {
+    metagrad::hypergrad::InnerLoop { steps, lr, adapted: metagrad::hypergrad::Adapted::Last(2) }
+}
+
+/// Sinusoid regression tasks (Finn et al. 2017 §5.1), `shots` support and
+/// 7 query points each.
+pub fn sinusoid_tasks(tasks: usize, shots: usize, seed: u64) -> Vec<metagrad::data::Task> {
+    let mut stream = metagrad::data::sinusoid::SinusoidTasks::new(seed);
+    (0..tasks).map(|_| stream.next_task(shots, 7).1).collect()
+}

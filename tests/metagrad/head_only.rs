@@ -5,14 +5,13 @@
 use metagrad::autodiff::tensor::Tensor;
 use metagrad::data::Task;
 use metagrad::data::episode::Episode;
-use metagrad::data::sinusoid::SinusoidTasks;
 use metagrad::hypergrad::stack::replicate;
 use metagrad::hypergrad::{Adapted, AdaptiveQ, Draws, InnerLoop, Mode, QRule, TaskLoss, adapt_head_only, adapted, estimate, estimate_head_only, proximal_adapt};
 use metagrad::models::{Conv4, FunctionalModel, Mlp};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
-use crate::common::{Cpu, DEV, F64, assert_mean_within_4_standard_errors, flatten, random_episodes};
+use crate::common::{Cpu, DEV, F64, assert_mean_within_4_standard_errors, flatten, head_only, random_episodes, sinusoid_tasks, task_losses};
 
 const CONV: Conv4 = Conv4 { in_channels: 2, image_size: 16, channels: 4, way: 3 };
 
@@ -20,14 +19,6 @@ fn conv_tasks(tasks: usize, seed: u64) -> Vec<Task> {
     random_episodes(tasks, seed).iter().map(Episode::task).collect()
 }
 
-fn sinusoid_tasks(tasks: usize, seed: u64) -> Vec<Task> {
-    let mut stream = SinusoidTasks::new(seed);
-    (0..tasks).map(|_| stream.next_task(6, 7).1).collect()
-}
-
-fn head_only(steps: usize, lr: f64) -> InnerLoop {
-    InnerLoop { steps, lr, adapted: Adapted::Last(2) }
-}
 
 /// The deterministic modes and fixed-q ufo (whose draws are given).
 fn modes() -> Vec<Mode> {
@@ -87,14 +78,14 @@ fn head_only_on_features_equals_the_whole_model_on_an_mlp() {
     let mut all = modes();
     all.push(Mode::Neumann { lambda: 4.0, steps: 4, lr: 0.3, hvp_batch: Some(3), inner_batch: Some(4) });
     all.push(Mode::FixedPoint { lambda: 4.0, steps: 4, hvp_batch: Some(2), inner_batch: None });
-    check_equal(&Mlp::new(&[1, 8, 8, 1]), &sinusoid_tasks(3, 2), &all, &head_only(3, 0.05));
+    check_equal(&Mlp::new(&[1, 8, 8, 1]), &sinusoid_tasks(3, 6, 2), &all, &head_only(3, 0.05));
 }
 
 #[test]
 fn head_only_on_features_applies_only_where_it_is_exact() {
     let tasks = conv_tasks(1, 4);
     let theta = CONV.init::<Cpu>(0, F64, &DEV).into_tensors();
-    let (s, q) = (TaskLoss::<_, Cpu>::single(&CONV, &tasks[0].support, F64, &DEV), TaskLoss::<_, Cpu>::single(&CONV, &tasks[0].query, F64, &DEV));
+    let (s, q) = task_losses(&CONV, &tasks[0]);
     let inner = head_only(1, 0.1);
     assert!(estimate_head_only(&Mode::Maml, &s, &q, &theta, &InnerLoop::new(1, 0.1), None).is_none(), "every parameter adapted");
     assert!(estimate_head_only(&Mode::Maml, &s, &q, &theta, &InnerLoop { adapted: Adapted::Last(4), ..inner }, None).is_none(), "more than the head adapted");
@@ -129,7 +120,7 @@ fn head_only_random_subsets_average_to_the_full_batch_on_a_conv4() {
     // the deterministic series (independent subsets per product).
     let tasks = conv_tasks(1, 8);
     let theta = CONV.init::<Cpu>(4, F64, &DEV).into_tensors();
-    let (s, q) = (TaskLoss::<_, Cpu>::single(&CONV, &tasks[0].support, F64, &DEV), TaskLoss::<_, Cpu>::single(&CONV, &tasks[0].query, F64, &DEV));
+    let (s, q) = task_losses(&CONV, &tasks[0]);
     let inner = head_only(2, 0.02);
     let deterministic = Mode::Neumann { lambda: 10.0, steps: 4, lr: 0.3, hvp_batch: None, inner_batch: None };
     let stochastic = Mode::Neumann { lambda: 10.0, steps: 4, lr: 0.3, hvp_batch: Some(3), inner_batch: None };

@@ -22,16 +22,11 @@ fn task(model: &Conv4, support: usize, query: usize, seed: u64) -> (Vec<Tensor<F
     (theta, task)
 }
 
-/// The support and query losses of a task.
-fn losses<'a>(model: &'a Conv4, task: &'a Task) -> (TaskLoss<'a, Conv4, Flex>, TaskLoss<'a, Conv4, Flex>) {
-    (TaskLoss::single(model, &task.support, F64, &DEV), TaskLoss::single(model, &task.query, F64, &DEV))
-}
-
 #[test]
 fn maml_unrolled_equals_maml_sweep_on_both_dataset_shapes() {
     for (model, support, query) in [(Conv4::omniglot(5), 5, 5), (Conv4::mini_imagenet(5), 5, 5)] {
         let (theta, task) = task(&model, support, query, 1);
-        let (s, q) = losses(&model, &task);
+        let (s, q) = task_losses(&model, &task);
         for steps in [1, 3, 5] {
             let inner = InnerLoop::new(steps, 0.1);
             let a = maml_unrolled(&s, &q, &theta, &inner);
@@ -47,7 +42,7 @@ fn maml_unrolled_equals_maml_sweep_on_both_dataset_shapes() {
 fn maml_matches_finite_differences_of_the_meta_loss_at_three_steps() {
     let model = tiny();
     let (theta, task) = task(&model, 5, 10, 2);
-    let (s, q) = losses(&model, &task);
+    let (s, q) = task_losses(&model, &task);
     let inner = InnerLoop::new(3, 0.3);
     let g = maml(&s, &q, &theta, &inner).grad;
     let gnorm = norm(&flatten(&g));
@@ -64,7 +59,7 @@ fn maml_matches_finite_differences_of_the_meta_loss_at_three_steps() {
 fn fomaml_equals_burns_single_level_gradient_at_the_adapted_weights() {
     let model = tiny();
     let (theta, task) = task(&model, 5, 10, 3);
-    let (s, q) = losses(&model, &task);
+    let (s, q) = task_losses(&model, &task);
     let inner = InnerLoop::new(2, 0.3);
     let fo = fomaml(&s, &q, &theta, &inner);
     // Independently: φ_r, then one plain Autodiff<Flex> backward of L_q.
@@ -81,7 +76,7 @@ fn fomaml_equals_burns_single_level_gradient_at_the_adapted_weights() {
 fn ufo_with_q_one_is_maml() {
     let model = tiny();
     let (theta, task) = task(&model, 5, 10, 4);
-    let (s, q) = losses(&model, &task);
+    let (s, q) = task_losses(&model, &task);
     let inner = InnerLoop::new(2, 0.3);
     let mut rule = QRule::Fixed(1.0);
     let mut rng = ChaCha8Rng::seed_from_u64(0);
@@ -100,7 +95,7 @@ fn ufo_with_q_one_is_maml() {
 fn ufo_is_unbiased_mean_of_many_estimates_converges_to_maml() {
     let model = tiny();
     let (theta, task) = task(&model, 5, 10, 5);
-    let (s, q) = losses(&model, &task);
+    let (s, q) = task_losses(&model, &task);
     let inner = InnerLoop::new(2, 0.3);
     let exact = flatten(&maml(&s, &q, &theta, &inner).grad);
     let first_order = flatten(&fomaml(&s, &q, &theta, &inner).grad);
@@ -124,7 +119,7 @@ fn ufo_is_unbiased_mean_of_many_estimates_converges_to_maml() {
 fn ufo_mean_helper_matches_averaging_individual_estimates() {
     let model = tiny();
     let (theta, task) = task(&model, 5, 10, 6);
-    let (s, q) = losses(&model, &task);
+    let (s, q) = task_losses(&model, &task);
     let inner = InnerLoop::new(1, 0.3);
     let (mean, exact_draws) = ufo_mean(&s, &q, &theta, &inner, 0.3, 50, &mut ChaCha8Rng::seed_from_u64(1));
     let mut rule = QRule::Fixed(0.3);
@@ -163,7 +158,7 @@ fn adaptive_q_follows_the_closed_form() {
 fn adaptive_ufo_updates_its_state_on_exact_samples_only() {
     let model = tiny();
     let (theta, task) = task(&model, 5, 10, 8);
-    let (s, q) = losses(&model, &task);
+    let (s, q) = task_losses(&model, &task);
     let inner = InnerLoop::new(1, 0.3);
     let mut rule = QRule::Adaptive(AdaptiveQ::new(0.5));
     let mut rng = ChaCha8Rng::seed_from_u64(3);
@@ -224,7 +219,7 @@ fn solve(mut a: Vec<Vec<f64>>, mut b: Vec<f64>) -> Vec<f64> {
 fn implicit_matches_the_exact_solution_of_the_linear_system() {
     let model = Conv4 { channels: 2, ..Conv4::omniglot(3) };
     let (theta, task) = task(&model, 3, 6, 9);
-    let (s, q) = losses(&model, &task);
+    let (s, q) = task_losses(&model, &task);
     let h0 = explicit_hessian(&s, &theta);
     let n = h0.len();
     let spectral_bound = h0.iter().flatten().map(|v| v * v).sum::<f64>().sqrt();

@@ -206,7 +206,7 @@ fn averages_to(mode: &Mode, deterministic: &Mode, model: &metagrad::models::Mlp,
     let mut stream = metagrad::data::sinusoid::SinusoidTasks::new(5);
     let (_, task) = stream.next_task(10, 10);
     let theta = model.init::<Flex>(1, F64, &DEV);
-    let (s, q) = (TaskLoss::single(model, &task.support, F64, &DEV), TaskLoss::single(model, &task.query, F64, &DEV));
+    let (s, q) = task_losses(model, &task);
     let exact = estimate(deterministic, &s, &q, &theta, inner, None);
     assert!(exact.curvature.is_none(), "the deterministic solve must converge cleanly");
     let exact = flatten(&exact.grad);

@@ -4,7 +4,6 @@
 
 use metagrad::autodiff::tensor::host_reads;
 use metagrad::data::Task;
-use metagrad::data::sinusoid::SinusoidTasks;
 use metagrad::hypergrad::stack::replicate;
 use metagrad::hypergrad::{AdaptiveQ, Batching, InnerLoop, Mode, QRule, TaskLoss, estimate, maml, meta_gradient, meta_loss};
 use metagrad::learner::MetaLearner;
@@ -13,11 +12,6 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
 use crate::common::*;
-
-fn sinusoid_tasks(n: usize, seed: u64) -> Vec<Task> {
-    let mut stream = SinusoidTasks::new(seed);
-    (0..n).map(|_| stream.next_task(5, 7).1).collect()
-}
 
 fn every_mode() -> Vec<Mode> {
     vec![
@@ -49,8 +43,8 @@ fn mlp_parameters_have_pytorch_sequential_names() {
 fn mlp_maml_hypergradient_matches_finite_differences() {
     let mlp = Mlp::new(&[1, 8, 8, 1]);
     let theta = mlp.init::<Cpu>(3, F64, &DEV);
-    let task = &sinusoid_tasks(1, 4)[0];
-    let (s, q) = (TaskLoss::single(&mlp, &task.support, F64, &DEV), TaskLoss::single(&mlp, &task.query, F64, &DEV));
+    let task = &sinusoid_tasks(1, 5, 4)[0];
+    let (s, q) = task_losses(&mlp, task);
     let inner = InnerLoop::new(2, 0.05);
     let g = maml(&s, &q, &theta, &inner).grad;
     let gnorm = norm(&flatten(&g));
@@ -68,7 +62,7 @@ fn mlp_maml_hypergradient_matches_finite_differences() {
 fn mlp_every_mode_stacked_equals_each_task_alone() {
     let mlp = Mlp::new(&[1, 8, 8, 1]);
     let theta = mlp.init::<Cpu>(1, F64, &DEV);
-    let tasks = sinusoid_tasks(3, 9);
+    let tasks = sinusoid_tasks(3, 5, 9);
     let inner = InnerLoop::new(2, 0.05);
     for mode in every_mode() {
         let refs: Vec<&Task> = tasks.iter().collect();
@@ -94,8 +88,8 @@ fn mlp_every_mode_stacked_equals_each_task_alone() {
 #[test]
 fn mlp_is_meta_trainable_with_every_mode() {
     let mlp = Mlp::new(&[1, 20, 20, 1]);
-    let test = sinusoid_tasks(20, 77);
-    let mut stream = SinusoidTasks::new(3);
+    let test = sinusoid_tasks(20, 5, 77);
+    let mut stream = metagrad::data::sinusoid::SinusoidTasks::new(3);
     let batches: Vec<Vec<Task>> = (0..400).map(|_| (0..8).map(|_| stream.next_task(5, 7).1).collect()).collect();
     for mode in every_mode() {
         // iMAML's hypergradient assumes the proximal problem solved: it gets a few steps.
@@ -115,7 +109,7 @@ fn mlp_is_meta_trainable_with_every_mode() {
 #[test]
 fn a_training_step_reads_the_device_once() {
     let mlp = Mlp::new(&[1, 8, 8, 1]);
-    let tasks = sinusoid_tasks(4, 1);
+    let tasks = sinusoid_tasks(4, 5, 1);
     let refs: Vec<&Task> = tasks.iter().collect();
     for mode in [Mode::Maml, Mode::Fomaml, Mode::Ufo(QRule::Fixed(0.5))] {
         let mut learner = MetaLearner::new(mlp.clone(), mlp.init::<Cpu>(0, F64, &DEV), mode.clone(), InnerLoop::new(2, 0.05), 1e-3).unwrap();
@@ -136,8 +130,8 @@ fn a_training_step_reads_the_device_once() {
 fn mlp_implicit_is_exact_when_the_proximal_problem_converges() {
     let mlp = Mlp::new(&[1, 8, 8, 1]);
     let theta = mlp.init::<Cpu>(0, F64, &DEV);
-    let task = &sinusoid_tasks(1, 4)[0];
-    let (s, q) = (TaskLoss::single(&mlp, &task.support, F64, &DEV), TaskLoss::single(&mlp, &task.query, F64, &DEV));
+    let task = &sinusoid_tasks(1, 5, 4)[0];
+    let (s, q) = task_losses(&mlp, task);
     for lambda in [10.0, 30.0] {
         let inner = InnerLoop::new(2000, 0.3 / lambda);
         let g = metagrad::hypergrad::implicit(&s, &q, &theta, &inner, lambda, 100).grad;
@@ -150,17 +144,12 @@ fn mlp_implicit_is_exact_when_the_proximal_problem_converges() {
     }
 }
 
-/// Head-only adaptation (ANIL): the inner loop adapts the last layer only.
-fn head_only(steps: usize, lr: f64) -> InnerLoop {
-    InnerLoop { steps, lr, adapted: metagrad::hypergrad::Adapted::Last(2) }
-}
-
 #[test]
 fn head_only_maml_is_the_gradient_of_the_head_only_meta_loss() {
     let mlp = Mlp::new(&[1, 8, 8, 1]);
     let theta = mlp.init::<Cpu>(2, F64, &DEV);
-    let task = &sinusoid_tasks(1, 6)[0];
-    let (s, q) = (TaskLoss::single(&mlp, &task.support, F64, &DEV), TaskLoss::single(&mlp, &task.query, F64, &DEV));
+    let task = &sinusoid_tasks(1, 5, 6)[0];
+    let (s, q) = task_losses(&mlp, task);
     let inner = head_only(3, 0.05);
     let sweep = maml(&s, &q, &theta, &inner);
     let unrolled = metagrad::hypergrad::maml_unrolled(&s, &q, &theta, &inner);
@@ -187,8 +176,8 @@ fn head_only_maml_is_the_gradient_of_the_head_only_meta_loss() {
 fn head_only_implicit_is_exact_when_the_proximal_problem_converges() {
     let mlp = Mlp::new(&[1, 8, 8, 1]);
     let theta = mlp.init::<Cpu>(0, F64, &DEV);
-    let task = &sinusoid_tasks(1, 4)[0];
-    let (s, q) = (TaskLoss::single(&mlp, &task.support, F64, &DEV), TaskLoss::single(&mlp, &task.query, F64, &DEV));
+    let task = &sinusoid_tasks(1, 5, 4)[0];
+    let (s, q) = task_losses(&mlp, task);
     let lambda = 10.0;
     let inner = head_only(2000, 0.3 / lambda);
     for mode in [Mode::Implicit { lambda, cg_steps: 100 }, Mode::Neumann { lambda, steps: 400, lr: 0.5, hvp_batch: None, inner_batch: None }] {
@@ -205,7 +194,7 @@ fn head_only_implicit_is_exact_when_the_proximal_problem_converges() {
 fn head_only_every_mode_stacked_equals_each_task_alone() {
     let mlp = Mlp::new(&[1, 8, 8, 1]);
     let theta = mlp.init::<Cpu>(1, F64, &DEV);
-    let tasks = sinusoid_tasks(3, 10);
+    let tasks = sinusoid_tasks(3, 5, 10);
     let refs: Vec<&Task> = tasks.iter().collect();
     let inner = head_only(2, 0.05);
     for mode in every_mode() {
