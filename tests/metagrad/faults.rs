@@ -243,3 +243,37 @@ fn pruning_a_checkpoint_keeps_its_evaluations() {
     let kept = run.join("evals/step-0000003-eval-test-600ep-3steps-seed0.json");
     assert_eq!(std::fs::read_to_string(&kept).unwrap(), "{\"accuracy\": 0.99}\n", "the evaluation of a pruned checkpoint is lost");
 }
+
+#[test]
+fn a_stop_signal_delivered_twice_at_once_still_writes_the_checkpoint() {
+    // `timeout` sends SIGTERM to the process and then to its process group,
+    // so the trainer receives it twice within microseconds: that is one
+    // request to stop cleanly, not "Ctrl-C again".
+    let dir = temp("fault-double-term");
+    let config = small_config(&dir, "");
+    let child = Command::new(env!("CARGO_BIN_EXE_metagrad"))
+        .args(["train", "--config", config.to_str().unwrap(), "--quiet", "--set", "train.meta_steps=100000", "--set", "checkpoint.every=0"])
+        .env_remove("METAGRAD_BACKEND")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let run = dir.join("checkpoints/small");
+    let started = std::time::Instant::now();
+    // Stop once it has trained a step (before that, a stop saves nothing).
+    while std::fs::read_to_string(run.join("metrics.jsonl")).map_or(true, |m| m.is_empty()) && started.elapsed().as_secs() < 120 {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let pid = child.id().to_string();
+    assert!(Command::new("kill").args(["-TERM", &pid, &pid]).status().unwrap().success());
+    let out = child.wait_with_output().unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert_eq!(out.status.code(), Some(130), "stdout: {stdout}\nstderr: {stderr}");
+    assert!(stderr.contains("finishing this meta-iteration") && !stderr.contains("without a checkpoint"), "{stderr}");
+    assert!(stdout.contains("stopped after step"), "{stdout}");
+    // The checkpoint of the step it stopped at is there and complete.
+    let latest = pointer(&run, "latest").unwrap();
+    let step: usize = stdout.split("stopped after step ").nth(1).unwrap().split(|c: char| !c.is_ascii_digit()).next().unwrap().parse().unwrap();
+    assert_eq!(latest, run.join(format!("step-{step:07}")), "{stdout}");
+    Checkpoint::read(&latest).unwrap();
+}

@@ -202,15 +202,26 @@ pub fn train(args: TrainArgs) -> Result<ExitCode> {
 
 /// A flag that Ctrl-C (or SIGTERM) sets: training then stops after the
 /// current meta-iteration with a checkpoint; a second one stops at once.
+/// Signals within a second of the first are the same request: `timeout`
+/// sends SIGTERM to the process and then to its group, and batch schedulers
+/// and terminals can deliver one stop more than once. Counting those as
+/// "again" would stop the run without its checkpoint.
 fn stop_on_ctrl_c() -> Result<Arc<AtomicBool>> {
+    const SAME_REQUEST: std::time::Duration = std::time::Duration::from_secs(1);
     let stop = Arc::new(AtomicBool::new(false));
     let flag = stop.clone();
-    ctrlc::set_handler(move || {
-        if flag.swap(true, Ordering::SeqCst) {
+    let mut first: Option<std::time::Instant> = None;
+    ctrlc::set_handler(move || match first {
+        None => {
+            first = Some(std::time::Instant::now());
+            flag.store(true, Ordering::SeqCst);
+            eprintln!("\nfinishing this meta-iteration and writing a checkpoint (Ctrl-C again to stop at once)");
+        }
+        Some(at) if at.elapsed() >= SAME_REQUEST => {
             eprintln!("\nstopping now, without a checkpoint of this step");
             std::process::exit(130);
         }
-        eprintln!("\nfinishing this meta-iteration and writing a checkpoint (Ctrl-C again to stop at once)");
+        Some(_) => {}
     })
     .context("cannot install the Ctrl-C handler")?;
     Ok(stop)
