@@ -184,6 +184,23 @@ fn eval_reports_a_reproducible_confidence_interval() {
     let a = eval("5", &dir.join("a.json"));
     assert_eq!(a, eval("5", &dir.join("b.json")), "same checkpoint and seed, same result");
     assert!((0.0..=1.0).contains(&a.0) && a.1 > 0.0);
+    assert!(!run.join("eval.json").exists(), "--out writes only where it says");
+
+    // Named by its run, the best checkpoint's test result is also the run's
+    // eval.json, with how far it and the run were trained.
+    ok(&metagrad(&["eval", "--checkpoint", run.to_str().unwrap(), "--episodes", "20", "--backend", "cpu"]));
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(run.join("eval.json")).unwrap()).unwrap();
+    let best = std::fs::read_to_string(run.join("best")).unwrap();
+    let best_step: u64 = best.trim().trim_start_matches("step-").parse().unwrap();
+    let t = &v["training"];
+    assert_eq!((t["meta_iterations"].as_u64(), t["run_meta_iterations"].as_u64(), t["of_meta_steps"].as_u64()), (Some(best_step), Some(6), Some(6)), "{v}");
+    assert!(t["wall_s"].as_f64().unwrap() > 0.0 && t["run_wall_s"].as_f64().unwrap() >= t["wall_s"].as_f64().unwrap(), "{v}");
+    assert!((0.0..=1.0).contains(&t["val_accuracy"].as_f64().unwrap()), "{v}");
+    // Other settings, or a step folder, leave the run's headline alone.
+    std::fs::remove_file(run.join("eval.json")).unwrap();
+    ok(&metagrad(&["eval", "--checkpoint", run.to_str().unwrap(), "--episodes", "20", "--inner-steps", "2", "--backend", "cpu"]));
+    ok(&metagrad(&["eval", "--checkpoint", run.join(best.trim()).to_str().unwrap(), "--episodes", "20", "--backend", "cpu"]));
+    assert!(!run.join("eval.json").exists());
 
     let png = dir.join("curves.png");
     ok(&metagrad(&["plot", run.to_str().unwrap(), "--out", png.to_str().unwrap()]));

@@ -21,7 +21,7 @@ use metagrad::hypergrad::{InnerLoop, Mode};
 use metagrad::hypergrad::files::EpisodeHypergradient;
 use metagrad::models::params::save_params;
 use metagrad::models::{Conv4, FunctionalModel, check_task_fits};
-use metagrad::train::checkpoint::Checkpoint;
+use metagrad::train::checkpoint::{Checkpoint, TrainState, pointer};
 use metagrad::train::config::Config;
 use metagrad::train::resume::eval_checkpoint;
 use metagrad::train::{EvalJob, EvalOutcome, Outcome, RunRequest, StepTiming, TrainJob, prepare_run};
@@ -83,6 +83,7 @@ pub fn eval(args: EvalArgs) -> Result<()> {
         bail!("--episodes 0: evaluate at least 1 episode");
     }
     let config = saved.config.clone();
+    let (saved_state, saved_metrics) = (saved.state.clone(), saved.metrics.clone());
     let selection = args.backend.select()?;
     let inner_steps = args.inner_steps.unwrap_or(config.eval.inner_steps);
     let fixed = args.episodes_from.as_deref().map(|d| fixed_episodes::read(d, config.data.dataset)).transpose()?;
@@ -112,11 +113,46 @@ pub fn eval(args: EvalArgs) -> Result<()> {
         summary.episodes,
         summary.loss
     );
+    let mut record = eval_record(&dir, step, &config, inner_steps, &outcome, source)?;
+    record["training"] = training_record(&dir, &saved_state, &saved_metrics, &config);
+    record["backend"] = selection.describe().into();
+    let text = serde_json::to_string_pretty(&record)? + "\n";
+    // A run's headline result: its test accuracy with its own test-time inner
+    // steps, on sampled episodes, when `--checkpoint` named the run (so its
+    // best checkpoint was picked), also goes to <run>/eval.json.
+    let named_the_run = !Path::new(&args.checkpoint).join("state.json").is_file();
+    let headline = named_the_run && args.out.is_none() && args.episodes_from.is_none() && args.split == "test" && inner_steps == config.eval.inner_steps;
     let out = args.out.unwrap_or_else(|| dir.join(default_name));
-    let record = eval_record(&dir, step, &config, inner_steps, &outcome, source)?;
-    write_atomic(&out, (serde_json::to_string_pretty(&record)? + "\n").as_bytes())?;
+    write_atomic(&out, text.as_bytes())?;
     println!("wrote {}", out.display());
+    if let (true, Some(run)) = (headline, dir.parent()) {
+        write_atomic(&run.join("eval.json"), text.as_bytes())?;
+        println!("wrote {}", run.join("eval.json").display());
+    }
     Ok(())
+}
+
+/// How far the evaluated checkpoint was trained, and how far its run is now:
+/// meta-iterations and training wall time (resumes included, pauses not).
+fn training_record(dir: &Path, state: &TrainState, metrics: &str, config: &Config) -> serde_json::Value {
+    let val_accuracy = metrics
+        .lines()
+        .filter_map(|l| serde_json::from_str::<metagrad::train::metrics::Metrics>(l).ok())
+        .find(|m| m.split == "val" && m.step == state.step)
+        .map(|m| m.accuracy);
+    let mut training = serde_json::json!({
+        "run": config.run.name,
+        "meta_iterations": state.step,
+        "of_meta_steps": config.train.meta_steps,
+        "wall_s": state.elapsed_s,
+        "val_accuracy": val_accuracy,
+    });
+    let latest = dir.parent().and_then(|run| pointer(run, "latest")).and_then(|l| Checkpoint::read(&l).ok());
+    if let Some(latest) = latest {
+        training["run_meta_iterations"] = latest.state.step.into();
+        training["run_wall_s"] = latest.state.elapsed_s.into();
+    }
+    training
 }
 
 
