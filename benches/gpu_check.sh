@@ -55,11 +55,11 @@ log=$OUT/log.txt
 
 say() { echo "[$(( $(date +%s) - start ))s] $*" | tee -a "$log"; }
 left() { echo $(( budget - ($(date +%s) - start) )); }
-# run LIMIT CMD...: the command's output goes to the log; it is skipped when
-# the budget has no LIMIT seconds left, and killed at LIMIT.
+# run LIMIT CMD...: the command's output goes to the log; it is skipped (exit
+# 125) when the budget has no LIMIT seconds left, and killed at LIMIT (124).
 run() {
   local limit=$1; shift
-  if [ "$(left)" -lt $((limit * slow)) ]; then say "skipped (budget): $*"; return 124; fi
+  if [ "$(left)" -lt $((limit * slow)) ]; then say "skipped (budget): $*"; return 125; fi
   say "+ $*"
   timeout --kill-after=5 $((limit * slow)) "$@" >>"$log" 2>&1
   local rc=$?
@@ -126,16 +126,22 @@ check_mode() {  # name, flags... (INNER_LR=α overrides the inner step size)
   local name=$1; shift
   local lr=${INNER_LR:-0.4}
   run 60 "$BIN" hypergrad --params "$work/params.safetensors" --episode "$work/episode.safetensors" "$@" \
-    --inner-steps 2 --inner-lr "$lr" --backend cpu --out "$work/cpu-$name.safetensors" || return
+    --inner-steps 2 --inner-lr "$lr" --backend cpu --out "$work/cpu-$name.safetensors"
+  case $? in
+    0) ;;
+    125) echo "$name: skipped: the budget ran out (GPU_CHECK_BUDGET_S)" | tee -a "$hg" "$log"; return ;;
+    *) echo "$name: the CPU reference did not run (see log.txt)" | tee -a "$hg" "$log"; failures=$((failures + 1)); return ;;
+  esac
   local r label bin backend line
   for r in "${runners[@]}"; do
     IFS='|' read -r label bin backend <<<"$r"
-    if run 90 "$bin" hypergrad --params "$work/params.safetensors" --episode "$work/episode.safetensors" "$@" \
-         --inner-steps 2 --inner-lr "$lr" --backend "$backend" --out "$work/$label-$name.safetensors"; then
-      line=$($report compare "$work/cpu-$name.safetensors" "$work/$label-$name.safetensors" --rtol 1e-3) || failures=$((failures + 1))
-    else
-      line="did not run (see log.txt)"; failures=$((failures + 1))
-    fi
+    run 90 "$bin" hypergrad --params "$work/params.safetensors" --episode "$work/episode.safetensors" "$@" \
+      --inner-steps 2 --inner-lr "$lr" --backend "$backend" --out "$work/$label-$name.safetensors"
+    case $? in
+      0) line=$($report compare "$work/cpu-$name.safetensors" "$work/$label-$name.safetensors" --rtol 1e-3) || failures=$((failures + 1)) ;;
+      125) line="skipped: the budget ran out (GPU_CHECK_BUDGET_S)" ;;
+      *) line="did not run (see log.txt)"; failures=$((failures + 1)) ;;
+    esac
     echo "$label $name: $line" | tee -a "$hg" "$log"
   done
 }
