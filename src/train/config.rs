@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use crate::autodiff::backend::BackendKind;
 use crate::autodiff::tensor::Precision;
 use crate::data::EpisodeShape;
-use crate::data::dataset::{DatasetKind, DatasetSpec};
+use crate::data::dataset::{DatasetKind, DatasetSpec, resolve_data_dir};
 use crate::hypergrad::{AdaptiveQ, Adapted, InnerLoop, Mode, QRule};
 use crate::models::FunctionalModel;
 use crate::models::conv4::Conv4;
@@ -383,6 +383,23 @@ impl Config {
             model.channels = self.model.channels;
         }
         Ok(model)
+    }
+
+    /// A run that came from another machine records a data folder that is
+    /// not here: read the default one (METAGRAD_DATA, else datasets/) instead
+    /// when the dataset is there, so a cloned run evaluates and resumes after
+    /// `metagrad data fetch`. Returns what moved, for the user.
+    pub fn use_local_data_when_moved(&mut self) -> Option<String> {
+        if self.data.data_dir.is_empty() || Path::new(&self.data.data_dir).exists() {
+            return None;
+        }
+        let local = resolve_data_dir(self.data.dataset, None);
+        if !local.is_dir() {
+            return None;
+        }
+        let note = format!("the run's data folder {} is not on this machine; reading {} instead", self.data.data_dir, local.display());
+        self.data.data_dir = String::new();
+        Some(note)
     }
 
     pub fn dataset(&self) -> DatasetSpec {

@@ -66,6 +66,9 @@ pub fn prepare_run(request: &RunRequest) -> Result<(Config, Option<Checkpoint>)>
                 None => Config::parse(&saved.config.to_toml(), request.overrides, &format!("{}/config.toml", dir.display()))?,
             };
             (request.adjust)(&mut config);
+            if let Some(note) = config.use_local_data_when_moved() {
+                eprintln!("{note}");
+            }
             continue_in_place(&mut config, &saved, &dir)?;
             Ok((config, Some(saved)))
         }

@@ -277,3 +277,33 @@ fn a_stop_signal_delivered_twice_at_once_still_writes_the_checkpoint() {
     assert_eq!(latest, run.join(format!("step-{step:07}")), "{stdout}");
     Checkpoint::read(&latest).unwrap();
 }
+
+#[test]
+fn a_run_from_another_machine_reads_the_local_data_folder() {
+    // A run trained where the data lived at a path that is not here (a
+    // cloned results/runs/ folder): eval and resume read the default data
+    // folder instead, and say so.
+    let dir = temp("fault-moved-data");
+    let config = small_config(&dir, "");
+    let gone = dir.join("elsewhere/synthetic");
+    ok(&metagrad(&["train", "--config", config.to_str().unwrap(), "--quiet", "--set", &format!("data.data_dir={}", gone.display())]));
+    let run = dir.join("checkpoints/small");
+    let local = dir.join("local-data");
+    std::fs::create_dir_all(local.join("synthetic")).unwrap();
+    let with_local = |args: &[&str]| Command::new(env!("CARGO_BIN_EXE_metagrad")).args(args).env("METAGRAD_DATA", &local).env_remove("METAGRAD_BACKEND").output().unwrap();
+    let out = with_local(&["eval", "--checkpoint", run.to_str().unwrap(), "--episodes", "4", "--backend", "cpu", "--out", dir.join("e.json").to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && stderr.contains("is not on this machine") && stderr.contains("local-data"), "{stderr}");
+    let out = with_local(&["train", "--resume", run.to_str().unwrap(), "--quiet", "--set", "train.meta_steps=7"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && stderr.contains("is not on this machine"), "{stderr}");
+    // The continued run records the local (default) folder from then on.
+    let saved = Checkpoint::read(&pointer(&run, "latest").unwrap()).unwrap();
+    assert_eq!((saved.state.step, saved.config.data.data_dir.as_str()), (7, ""));
+    // Where neither folder exists, nothing is guessed: the recorded one stays.
+    let mut moved = saved.config.clone();
+    moved.data.data_dir = gone.display().to_string();
+    std::fs::remove_dir_all(&local).unwrap();
+    assert_eq!(moved.use_local_data_when_moved(), None);
+    assert_eq!(moved.data.data_dir, gone.display().to_string());
+}

@@ -76,8 +76,13 @@ pub fn eval(args: EvalArgs) -> Result<()> {
     let dir = eval_checkpoint(&args.checkpoint, &args.checkpoint_dir)?;
     let mut saved = Checkpoint::read(&dir)?;
     let step = saved.state.step;
-    if let Some(data_dir) = &args.data_dir {
-        saved.config.data.data_dir = data_dir.display().to_string();
+    match &args.data_dir {
+        Some(data_dir) => saved.config.data.data_dir = data_dir.display().to_string(),
+        None => {
+            if let Some(note) = saved.config.use_local_data_when_moved() {
+                eprintln!("{note}");
+            }
+        }
     }
     if args.episodes == 0 {
         bail!("--episodes 0: evaluate at least 1 episode");
