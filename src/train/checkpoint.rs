@@ -255,6 +255,21 @@ pub struct RunLock {
 }
 
 impl RunLock {
+    /// The pid of the process that holds `run_dir`'s lock now, if one does.
+    /// (Probing takes the lock for an instant when it is free.)
+    pub fn owner(run_dir: &Path) -> Option<String> {
+        use std::io::Read;
+        let mut file = fs::OpenOptions::new().read(true).write(true).open(run_dir.join("lock")).ok()?;
+        match file.try_lock() {
+            Err(fs::TryLockError::WouldBlock) => {
+                let mut owner = String::new();
+                let _ = file.read_to_string(&mut owner);
+                Some(owner.trim().to_string())
+            }
+            _ => None,
+        }
+    }
+
     pub fn acquire(run_dir: &Path) -> Result<RunLock> {
         use std::io::{Read, Seek, Write};
         fs::create_dir_all(run_dir).with_context(|| format!("cannot create the run folder {}", run_dir.display()))?;

@@ -7,6 +7,7 @@ pub mod evaluate;
 pub mod metrics;
 pub mod plot;
 pub mod resume;
+pub mod runs;
 pub mod trainer;
 
 pub use evaluate::{EpisodeScore, EvalJob, EvalOutcome, evaluate};

@@ -307,3 +307,27 @@ fn a_run_from_another_machine_reads_the_local_data_folder() {
     assert_eq!(moved.use_local_data_when_moved(), None);
     assert_eq!(moved.data.data_dir, gone.display().to_string());
 }
+
+#[test]
+fn runs_says_where_each_run_stands() {
+    let dir = temp("runs-status");
+    let (config, run) = trained(&dir, "small");
+    ok(&metagrad(&["train", "--config", config.to_str().unwrap(), "--quiet", "--set", "run.name=short", "--set", "train.meta_steps=9"]));
+    let short = dir.join("checkpoints/short");
+    ok(&metagrad(&["train", "--resume", short.to_str().unwrap(), "--quiet", "--set", "train.meta_steps=12"]));
+    ok(&metagrad(&["eval", "--checkpoint", run.to_str().unwrap(), "--episodes", "4", "--backend", "cpu"]));
+    let table = ok(&metagrad(&["runs", dir.join("checkpoints").to_str().unwrap()]));
+    let line = |name: &str| table.lines().find(|l| l.starts_with(&format!("{name} "))).unwrap_or_else(|| panic!("{table}")).to_string();
+    assert!(line("small").contains("6 / 6") && line("small").ends_with("finished") && line("small").contains(" ± "), "{table}");
+    assert!(line("short").contains("12 / 12"), "{table}");
+    // Held by a process: the table names it.
+    let lock = RunLock::acquire(&run).unwrap();
+    let table = ok(&metagrad(&["runs", run.to_str().unwrap()]));
+    assert!(table.contains(&format!("training (pid {})", std::process::id())), "{table}");
+    drop(lock);
+    let json: serde_json::Value = serde_json::from_str(&ok(&metagrad(&["runs", dir.join("checkpoints").to_str().unwrap(), "--json"]))).unwrap();
+    let small = json.as_array().unwrap().iter().find(|r| r["run"].as_str().unwrap().ends_with("small")).unwrap();
+    assert_eq!((small["step"].as_u64(), small["training_pid"].is_null(), small["test"]["step"].as_u64().is_some()), (Some(6), true, true), "{small}");
+    let e = err(&metagrad(&["runs", dir.join("nowhere").to_str().unwrap()]));
+    assert!(e.contains("cannot read the runs folder"), "{e}");
+}

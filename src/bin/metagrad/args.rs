@@ -92,6 +92,15 @@ pub enum Command {
         #[arg(long, default_value = "checkpoints")]
         checkpoint_dir: PathBuf,
     },
+    /// Where each run stands: meta-iterations, best validation, test result, training hours, and whether a process is training it now.
+    Runs {
+        /// Folders holding runs (each run a folder with a `latest` checkpoint), or run folders.
+        #[arg(default_value = "checkpoints")]
+        dirs: Vec<PathBuf>,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Datasets: download, describe, preview.
     Data {
         #[command(subcommand)]

@@ -183,6 +183,38 @@ fn eval_record(dir: &Path, step: usize, config: &Config, inner_steps: usize, out
     Ok(record)
 }
 
+/// `metagrad runs`: one line per run folder found in `dirs`.
+pub fn runs(dirs: &[PathBuf], json: bool) -> Result<()> {
+    use metagrad::train::runs::{RunStatus, runs_under};
+    let mut all = Vec::new();
+    for dir in dirs {
+        if dir.join("latest").is_file() {
+            all.push(RunStatus::read(dir)?);
+        } else {
+            all.extend(runs_under(dir)?);
+        }
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&all)?);
+        return Ok(());
+    }
+    if all.is_empty() {
+        println!("no runs in {} (a run is a folder with a `latest` checkpoint)", dirs.iter().map(|d| d.display().to_string()).collect::<Vec<_>>().join(", "));
+        return Ok(());
+    }
+    let count = |n: usize| n.to_string().as_bytes().rchunks(3).rev().map(|c| String::from_utf8_lossy(c).into_owned()).collect::<Vec<_>>().join(",");
+    println!("{:<34} {:<22} {:<22} {:>17} {:>19} {:>25} {:>7}  state", "run", "mode", "task", "meta-iterations", "best validation", "test (run's eval.json)", "hours");
+    for r in &all {
+        let name = r.run.file_name().map_or_else(|| r.run.display().to_string(), |n| n.to_string_lossy().into_owned());
+        let best = r.best.map_or("-".into(), |b| format!("{:.2} % at {}", 100.0 * b.accuracy, count(b.step)));
+        let test = r.test.map_or("-".into(), |t| format!("{:.2} ± {:.2} % at {}", 100.0 * t.accuracy, 100.0 * t.ci95.unwrap_or(0.0), count(t.step)));
+        let task = format!("{} {}-way {}-shot", r.dataset, r.way, r.shot);
+        let progress = format!("{} / {}", count(r.step), count(r.meta_steps));
+        println!("{name:<34} {:<22} {task:<22} {progress:>17} {best:>19} {test:>25} {:>7.2}  {}", r.mode, r.wall_s / 3600.0, r.activity());
+    }
+    Ok(())
+}
+
 /// `metagrad plot`.
 pub fn plot(run: &str, out: &Path, checkpoint_dir: &Path) -> Result<()> {
     let given = PathBuf::from(run);

@@ -25,6 +25,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Hypergrad(args) => done(commands::hypergrad(args)),
         Command::Eval(args) => done(commands::eval(args)),
         Command::Plot { run, out, checkpoint_dir } => done(commands::plot(&run, &out, &checkpoint_dir)),
+        Command::Runs { dirs, json } => done(commands::runs(&dirs, json)),
         Command::Data { which } => done(data(which)),
         Command::Bench { which } => done(bench(which)),
     }
