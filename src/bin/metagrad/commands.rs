@@ -125,7 +125,8 @@ pub fn eval(args: EvalArgs) -> Result<()> {
     // A run's headline result: its test accuracy with its own test-time inner
     // steps, on sampled episodes, when `--checkpoint` named the run (so its
     // best checkpoint was picked), also goes to <run>/eval.json.
-    let named_the_run = !Path::new(&args.checkpoint).join("state.json").is_file();
+    let named_a_step = [PathBuf::from(&args.checkpoint), args.checkpoint_dir.join(&args.checkpoint)].iter().any(|p| p.join("state.json").is_file());
+    let named_the_run = !named_a_step;
     let headline = named_the_run && args.out.is_none() && args.episodes_from.is_none() && args.split == "test" && inner_steps == config.eval.inner_steps;
     let out = args.out.unwrap_or_else(|| dir.join(default_name));
     write_atomic(&out, text.as_bytes())?;
