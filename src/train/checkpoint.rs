@@ -118,23 +118,33 @@ impl Checkpoint {
 
     /// Read a checkpoint folder, naming the file that is missing or broken.
     pub fn read(dir: &Path) -> Result<Checkpoint> {
-        let hint = "use an older step folder next to it instead";
-        let file = |name: &str| {
-            let p = dir.join(name);
-            if p.is_file() { Ok(p) } else { bail!("checkpoint {} is incomplete: {name} is missing; {hint}", dir.display()) }
-        };
-        let state: TrainState = serde_json::from_slice(&fs::read(file(STATE)?)?)
-            .with_context(|| format!("checkpoint {}: {STATE} is corrupt or truncated; {hint}", dir.display()))?;
+        let (config, state) = Checkpoint::read_config_and_state(dir)?;
+        let params = read_safetensors(&checkpoint_file(dir, PARAMS)?).with_context(|| format!("checkpoint {}: {REREAD_HINT}", dir.display()))?;
+        let optimizer = read_safetensors(&checkpoint_file(dir, OPTIMIZER)?).with_context(|| format!("checkpoint {}: {REREAD_HINT}", dir.display()))?;
+        let metrics = fs::read_to_string(checkpoint_file(dir, METRICS)?)
+            .with_context(|| format!("checkpoint {}: {METRICS} is corrupt (not UTF-8 text); {REREAD_HINT}", dir.display()))?;
+        Ok(Checkpoint { config, state, params, optimizer, metrics })
+    }
+
+    /// A checkpoint's config and training state alone (where it stands,
+    /// without loading its tensors), with `read`'s checks and messages.
+    pub fn read_config_and_state(dir: &Path) -> Result<(Config, TrainState)> {
+        let state: TrainState = serde_json::from_slice(&fs::read(checkpoint_file(dir, STATE)?)?)
+            .with_context(|| format!("checkpoint {}: {STATE} is corrupt or truncated; {REREAD_HINT}", dir.display()))?;
         if state.format != FORMAT {
             bail!("checkpoint {} has format {}, this metagrad reads format {FORMAT}", dir.display(), state.format);
         }
-        let config = Config::load(&file(CONFIG)?, &[]).with_context(|| format!("checkpoint {}: {CONFIG} is unreadable; {hint}", dir.display()))?;
-        let params = read_safetensors(&file(PARAMS)?).with_context(|| format!("checkpoint {}: {hint}", dir.display()))?;
-        let optimizer = read_safetensors(&file(OPTIMIZER)?).with_context(|| format!("checkpoint {}: {hint}", dir.display()))?;
-        let metrics = fs::read_to_string(file(METRICS)?)
-            .with_context(|| format!("checkpoint {}: {METRICS} is corrupt (not UTF-8 text); {hint}", dir.display()))?;
-        Ok(Checkpoint { config, state, params, optimizer, metrics })
+        let config = Config::load(&checkpoint_file(dir, CONFIG)?, &[]).with_context(|| format!("checkpoint {}: {CONFIG} is unreadable; {REREAD_HINT}", dir.display()))?;
+        Ok((config, state))
     }
+}
+
+const REREAD_HINT: &str = "use an older step folder next to it instead";
+
+/// `dir/name`, or an error saying the checkpoint is incomplete.
+fn checkpoint_file(dir: &Path, name: &str) -> Result<PathBuf> {
+    let p = dir.join(name);
+    if p.is_file() { Ok(p) } else { bail!("checkpoint {} is incomplete: {name} is missing; {REREAD_HINT}", dir.display()) }
 }
 
 /// Replace the pointer file `run_dir/<which>` (latest or best) atomically.

@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 
-use crate::train::checkpoint::{RunLock, TrainState, pointer};
-use crate::train::config::{Config, InnerParams};
+use crate::train::checkpoint::{Checkpoint, RunLock, pointer};
+use crate::train::config::InnerParams;
 use crate::train::metrics::Metrics;
 
 /// One run folder's state.
@@ -43,9 +43,7 @@ impl RunStatus {
     /// The state of the run in `run` (a folder with a `latest` pointer).
     pub fn read(run: &Path) -> Result<RunStatus> {
         let latest = pointer(run, "latest").with_context(|| format!("{} has no latest checkpoint", run.display()))?;
-        let read = |name: &str| std::fs::read_to_string(latest.join(name)).with_context(|| format!("cannot read {}", latest.join(name).display()));
-        let state: TrainState = serde_json::from_str(&read("state.json")?).with_context(|| format!("{}/state.json is not a training state", latest.display()))?;
-        let config = Config::parse(&read("config.toml")?, &[], &format!("{}/config.toml", latest.display()))?;
+        let (config, state) = Checkpoint::read_config_and_state(&latest)?;
         let test = std::fs::read_to_string(run.join("eval.json")).ok().and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok()).and_then(|v| {
             Some(Scored { step: v["step"].as_u64()? as usize, accuracy: v["accuracy"].as_f64()?, ci95: v["ci95"].as_f64() })
         });

@@ -88,7 +88,7 @@ pub fn eval(args: EvalArgs) -> Result<()> {
         bail!("--episodes 0: evaluate at least 1 episode");
     }
     let config = saved.config.clone();
-    let (saved_state, saved_metrics) = (saved.state.clone(), saved.metrics.clone());
+    let training = training_record(&dir, &saved.state, &saved.metrics, &config);
     let selection = args.backend.select()?;
     let inner_steps = args.inner_steps.unwrap_or(config.eval.inner_steps);
     let fixed = args.episodes_from.as_deref().map(|d| fixed_episodes::read(d, config.data.dataset)).transpose()?;
@@ -119,7 +119,7 @@ pub fn eval(args: EvalArgs) -> Result<()> {
         summary.loss
     );
     let mut record = eval_record(&dir, step, &config, inner_steps, &outcome, source)?;
-    record["training"] = training_record(&dir, &saved_state, &saved_metrics, &config);
+    record["training"] = training;
     record["backend"] = selection.describe().into();
     let text = serde_json::to_string_pretty(&record)? + "\n";
     // A run's headline result: its test accuracy with its own test-time inner
@@ -153,10 +153,10 @@ fn training_record(dir: &Path, state: &TrainState, metrics: &str, config: &Confi
         "wall_s": state.elapsed_s,
         "val_accuracy": val_accuracy,
     });
-    let latest = dir.parent().and_then(|run| pointer(run, "latest")).and_then(|l| Checkpoint::read(&l).ok());
-    if let Some(latest) = latest {
-        training["run_meta_iterations"] = latest.state.step.into();
-        training["run_wall_s"] = latest.state.elapsed_s.into();
+    let latest = dir.parent().and_then(|run| pointer(run, "latest")).and_then(|l| Checkpoint::read_config_and_state(&l).ok());
+    if let Some((_, latest)) = latest {
+        training["run_meta_iterations"] = latest.step.into();
+        training["run_wall_s"] = latest.elapsed_s.into();
     }
     training
 }
