@@ -21,6 +21,13 @@ pub struct Metrics {
     pub q: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub exact_fraction: Option<f64>,
+    /// ufo with adaptive q, after the step: its bias-corrected moving averages of
+    /// D² = ‖g_fo − g_maml‖² and V² = ‖g_maml‖² per exact task, from which it
+    /// picks q (1 while D² ≥ V², where the first-order part is no cheaper bargain).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub ufo_d2: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub ufo_v2: Option<f64>,
     /// The implicit modes, when some task's linear solve met non-positive
     /// curvature: the λ above which I + H/λ is positive along what was met.
     #[serde(skip_serializing_if = "Option::is_none", default)]

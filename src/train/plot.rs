@@ -126,6 +126,10 @@ pub fn training_curves(metrics: &[crate::train::Metrics], title: &str, path: &Pa
         if !q.is_empty() {
             p.push(("ufo q (mean per meta-batch)", vec![("q", smooth(&q, width), GREEN)]));
         }
+        let ratio = series("train", |m| Some(m.ufo_d2? / m.ufo_v2?));
+        if !ratio.is_empty() {
+            p.push(("ufo adaptive q: D²/V² (q = 1 while it is at least 1)", vec![("D²/V²", smooth(&ratio, width), GREEN)]));
+        }
         p
     };
     let (w, h) = (900u32, 330 * panels.len() as u32 + 40);

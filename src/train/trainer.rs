@@ -285,7 +285,12 @@ impl<B: BaseBackend> Trainer<B> {
         let exact_fraction = ufo.map(|(_, exact)| exact.iter().filter(|&&e| e).count() as f64 / scores.losses.len() as f64);
         let q = ufo.and_then(|(q, _)| q);
         let curvature_lambda = curvature.map(|c| c.lambda_needed);
-        let mut lines = vec![Metrics { step: self.step, split: "train".into(), loss, accuracy, ci95: None, q, exact_fraction, curvature_lambda, elapsed_s: self.elapsed() }];
+        let moments = match &self.learner.mode {
+            crate::hypergrad::Mode::Ufo(crate::hypergrad::QRule::Adaptive(rule)) if ufo.is_some() => rule.moments(),
+            _ => None,
+        };
+        let (ufo_d2, ufo_v2) = (moments.map(|m| m.0), moments.map(|m| m.1));
+        let mut lines = vec![Metrics { step: self.step, split: "train".into(), loss, accuracy, ci95: None, q, exact_fraction, ufo_d2, ufo_v2, curvature_lambda, elapsed_s: self.elapsed() }];
         let validation = self.validate_if_due()?;
         let improved = validation.as_ref().is_some_and(|(_, improved)| *improved);
         lines.extend(validation.as_ref().map(|(m, _)| m.clone()));
@@ -330,7 +335,7 @@ impl<B: BaseBackend> Trainer<B> {
         if improved {
             self.best = Some((self.step, s.accuracy));
         }
-        let line = Metrics { step: self.step, split: "val".into(), loss: s.loss, accuracy: s.accuracy, ci95: Some(s.ci95), q: None, exact_fraction: None, curvature_lambda: None, elapsed_s: self.elapsed() };
+        let line = Metrics { step: self.step, split: "val".into(), loss: s.loss, accuracy: s.accuracy, ci95: Some(s.ci95), q: None, exact_fraction: None, ufo_d2: None, ufo_v2: None, curvature_lambda: None, elapsed_s: self.elapsed() };
         Ok(Some((line, improved)))
     }
 

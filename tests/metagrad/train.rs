@@ -96,7 +96,14 @@ fn a_resumed_run_equals_an_uninterrupted_one() {
     };
     assert_eq!(state(&whole), state(&halves), "step, RNG streams and adaptive-q state continue exactly");
     assert_eq!(metrics_without_time(&whole.join("metrics.jsonl")), metrics_without_time(&halves.join("metrics.jsonl")));
-    assert_eq!(read_metrics(&whole.join("metrics.jsonl")).unwrap().len(), 6 + 3, "6 training lines and 3 validations");
+    let logged = read_metrics(&whole.join("metrics.jsonl")).unwrap();
+    assert_eq!(logged.len(), 6 + 3, "6 training lines and 3 validations");
+    let moments: Vec<(f64, f64)> = logged.iter().filter(|m| m.split == "train").filter_map(|m| Some((m.ufo_d2?, m.ufo_v2?))).collect();
+    assert!(!moments.is_empty() && moments.iter().all(|&(d2, v2)| d2 >= 0.0 && v2 > 0.0 && d2.is_finite() && v2.is_finite()), "adaptive q logs the moments it picks q from: {moments:?}");
+    // Its curves add q and D²/V² to loss and accuracy.
+    let png = dir.join("ufo.png");
+    ok(&metagrad(&["plot", whole.to_str().unwrap(), "--out", png.to_str().unwrap()]));
+    assert_eq!(image::image_dimensions(&png).unwrap(), (900, 4 * 330 + 40));
     // keep_last = 2, plus the best.
     let steps = std::fs::read_dir(&whole).unwrap().filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().starts_with("step-")).count();
     assert!((2..=3).contains(&steps), "{steps} step folders kept");
