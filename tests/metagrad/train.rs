@@ -109,6 +109,31 @@ fn a_resumed_run_equals_an_uninterrupted_one() {
     assert!((2..=3).contains(&steps), "{steps} step folders kept");
 }
 
+/// The number of worker threads changes no bit of a run (so runs may share
+/// the cores with `RAYON_NUM_THREADS=1`): kernels split work into chunks of
+/// fixed size, whatever the number of workers.
+#[test]
+fn the_thread_count_changes_no_result() {
+    let dir = temp("threads");
+    let config = small_config(&dir, "");
+    let c = config.to_str().unwrap();
+    for batching in ["off", "on"] {
+        let params = |threads: &str| -> Vec<u8> {
+            let name = format!("{batching}-{threads}");
+            let out = Command::new(env!("CARGO_BIN_EXE_metagrad"))
+                .args(["train", "--config", c, "--quiet", "--set", &format!("run.name={name}"), "--set", "train.meta_steps=3"])
+                .args(["--set", &format!("train.task_batching=\"{batching}\""), "--set", "eval.every=0"])
+                .env_remove("METAGRAD_BACKEND")
+                .env("RAYON_NUM_THREADS", threads)
+                .output()
+                .unwrap();
+            ok(&out);
+            std::fs::read(dir.join("checkpoints").join(name).join("step-0000003/params.safetensors")).unwrap()
+        };
+        assert!(params("1") == params("3"), "task_batching = {batching}: one thread and three give different parameters");
+    }
+}
+
 #[test]
 fn sigkill_while_checkpointing_resumes_from_the_last_complete_checkpoint() {
     let dir = temp("kill");
