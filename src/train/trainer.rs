@@ -289,7 +289,7 @@ impl<B: BaseBackend> Trainer<B> {
             crate::hypergrad::Mode::Ufo(crate::hypergrad::QRule::Adaptive(rule)) if ufo.is_some() => rule.moments(),
             _ => None,
         };
-        let (ufo_d2, ufo_v2) = (moments.map(|m| m.0), moments.map(|m| m.1));
+        let (ufo_d2, ufo_v2) = moments.unzip();
         let mut lines = vec![Metrics { step: self.step, split: "train".into(), loss, accuracy, ci95: None, q, exact_fraction, ufo_d2, ufo_v2, curvature_lambda, elapsed_s: self.elapsed() }];
         let validation = self.validate_if_due()?;
         let improved = validation.as_ref().is_some_and(|(_, improved)| *improved);

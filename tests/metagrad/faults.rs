@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use crate::train::{err, metagrad, ok, small_config, temp};
+use crate::train::{err, metagrad, metagrad_command, ok, small_config, temp};
 use metagrad::train::checkpoint::{Checkpoint, RunLock, pointer};
 
 /// Every file under `root` (except those under `skip`) with its bytes: a
@@ -290,7 +290,7 @@ fn a_run_from_another_machine_reads_the_local_data_folder() {
     let run = dir.join("checkpoints/small");
     let local = dir.join("local-data");
     std::fs::create_dir_all(local.join("synthetic")).unwrap();
-    let with_local = |args: &[&str]| Command::new(env!("CARGO_BIN_EXE_metagrad")).args(args).env("METAGRAD_DATA", &local).env_remove("METAGRAD_BACKEND").output().unwrap();
+    let with_local = |args: &[&str]| metagrad_command(args).env("METAGRAD_DATA", &local).output().unwrap();
     let out = with_local(&["eval", "--checkpoint", run.to_str().unwrap(), "--episodes", "4", "--backend", "cpu", "--out", dir.join("e.json").to_str().unwrap()]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success() && stderr.contains("is not on this machine") && stderr.contains("local-data"), "{stderr}");

@@ -28,8 +28,16 @@ pub(crate) fn small_config(dir: &Path, extra: &str) -> PathBuf {
     path
 }
 
+/// The metagrad binary with `args`, on the backend its config names (not
+/// the environment's), ready for more settings before it runs.
+pub(crate) fn metagrad_command(args: &[&str]) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_metagrad"));
+    command.args(args).env_remove("METAGRAD_BACKEND");
+    command
+}
+
 pub(crate) fn metagrad(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_metagrad")).args(args).env_remove("METAGRAD_BACKEND").output().expect("metagrad runs")
+    metagrad_command(args).output().expect("metagrad runs")
 }
 
 pub(crate) fn ok(out: &Output) -> String {
@@ -120,14 +128,9 @@ fn the_thread_count_changes_no_result() {
     for batching in ["off", "on"] {
         let params = |threads: &str| -> Vec<u8> {
             let name = format!("{batching}-{threads}");
-            let out = Command::new(env!("CARGO_BIN_EXE_metagrad"))
-                .args(["train", "--config", c, "--quiet", "--set", &format!("run.name={name}"), "--set", "train.meta_steps=3"])
-                .args(["--set", &format!("train.task_batching=\"{batching}\""), "--set", "eval.every=0"])
-                .env_remove("METAGRAD_BACKEND")
-                .env("RAYON_NUM_THREADS", threads)
-                .output()
-                .unwrap();
-            ok(&out);
+            let (run, batching) = (format!("run.name={name}"), format!("train.task_batching=\"{batching}\""));
+            let args = ["train", "--config", c, "--quiet", "--set", &run, "--set", "train.meta_steps=3", "--set", &batching, "--set", "eval.every=0"];
+            ok(&metagrad_command(&args).env("RAYON_NUM_THREADS", threads).output().unwrap());
             std::fs::read(dir.join("checkpoints").join(name).join("step-0000003/params.safetensors")).unwrap()
         };
         assert!(params("1") == params("3"), "task_batching = {batching}: one thread and three give different parameters");
