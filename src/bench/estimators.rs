@@ -85,7 +85,7 @@ impl EstimatorStudy {
         let theta = self.model.init::<Flex>(0, Precision::F64, &Default::default());
         let tasks = self.tasks();
         let maml_ref: Vec<Vec<Tensor<Flex>>> = tasks.iter().map(|t| self.estimate(Mode::Maml, t, &theta, 0).0).collect();
-        let implicit_ref: Vec<Vec<Tensor<Flex>>> = tasks.iter().map(|t| self.estimate(Mode::Implicit { lambda: self.lambda, cg_steps: 500 }, t, &theta, 0).0).collect();
+        let implicit_ref: Vec<Vec<Tensor<Flex>>> = tasks.iter().map(|t| self.estimate(Mode::implicit(self.lambda, 500), t, &theta, 0).0).collect();
         let mut rows = vec![self.row("fomaml", "-", Mode::Fomaml, &tasks, &theta, ("maml", &maml_ref), 1)];
         rows.push(self.row("maml", &format!("r = {}", self.inner.steps), Mode::Maml, &tasks, &theta, ("maml", &maml_ref), 1));
         for &q in &self.qs {
@@ -99,7 +99,7 @@ impl EstimatorStudy {
         let lambda = self.lambda;
         for &k in &self.steps {
             let reference = ("implicit (CG to convergence)", implicit_ref.as_slice());
-            rows.push(self.row("implicit (CG)", &format!("K = {k}"), Mode::Implicit { lambda, cg_steps: k }, &tasks, &theta, reference, 1));
+            rows.push(self.row("implicit (CG)", &format!("K = {k}"), Mode::implicit(lambda, k), &tasks, &theta, reference, 1));
             rows.push(self.row("neumann", &format!("K = {k}"), Mode::Neumann { lambda, steps: k, lr: self.neumann_lr, hvp_batch: None, inner_batch: None }, &tasks, &theta, reference, 1));
             rows.push(self.row("fixed-point", &format!("K = {k}"), Mode::FixedPoint { lambda, steps: k, hvp_batch: None, inner_batch: None }, &tasks, &theta, reference, 1));
         }

@@ -278,7 +278,7 @@ impl OnBackend for HypergradBench {
             let task = Task { support: random_batch(&model, shape.support, 1), query: random_batch(&model, shape.query, 2) };
             for &steps in &self.steps {
                 let inner = InnerLoop::new(steps, 0.1);
-                let mut modes = vec![Mode::Maml, Mode::Fomaml, Mode::Ufo(QRule::Fixed(self.ufo_q)), Mode::Implicit { lambda: 2.0, cg_steps: 5 }];
+                let mut modes = vec![Mode::Maml, Mode::Fomaml, Mode::Ufo(QRule::Fixed(self.ufo_q)), Mode::implicit(2.0, 5)];
                 if steps <= self.unrolled_max_steps {
                     modes.insert(1, Mode::MamlUnrolled);
                 }

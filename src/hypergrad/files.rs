@@ -62,7 +62,7 @@ impl OnBackend for EpisodeHypergradient {
         let logits = h.query.output.as_ref().expect("a task loss evaluation carries its outputs");
         let query_accuracy = accuracy(logits, &episode.query.labels);
         let query_loss = h.query_loss();
-        let curvature = h.curvature.zip(mode.proximal_lambda()).map(|(c, lambda)| c.describe(lambda));
+        let curvature = h.curvature.zip(mode.system_lambda()).map(|(c, lambda)| c.describe(lambda));
         let mut tensors = theta.with_tensors(h.grad).to_host();
         tensors.push(("query_loss".to_string(), HostTensor::from_tensor(&Tensor::<B>::from_f64(&[query_loss], &[1], precision, &device))));
         Ok(EpisodeHypergradientReport { tensors, query_loss, query_accuracy, exact_draws, curvature })

@@ -25,7 +25,7 @@ use rand_chacha::ChaCha8Rng;
 use crate::autodiff::diff::{Evaluation, Objective, backward, lift, lift_constant, lower};
 use crate::autodiff::profile::{Phase, timed};
 use crate::autodiff::tensor::{BaseBackend, Level, Precision, Tensor};
-use crate::hypergrad::inner::{Adapted, InnerLoop, adapt_to};
+use crate::hypergrad::inner::{Adaptation, Adapted, InnerLoop, adapt_to};
 use crate::hypergrad::mode::{Mode, estimate};
 use crate::hypergrad::result::{Draws, Hypergradient};
 use crate::hypergrad::task::{TaskLoss, TaskSubsets, draw_subset, stacked_loss};
@@ -165,7 +165,7 @@ where
 /// proximal problem with `lambda`): the trunk's features once, every step on
 /// the head alone, the trunk returned as it is. None where the model has
 /// no trunk–head split or more than the head is adapted.
-pub fn adapt_head_only<M, Base>(support: &TaskLoss<M, Base>, theta: &[Tensor<Base>], inner: &InnerLoop, lambda: Option<f64>) -> Option<Vec<Tensor<Base>>>
+pub fn adapt_head_only<M, Base>(support: &TaskLoss<M, Base>, theta: &[Tensor<Base>], inner: &InnerLoop, how: Adaptation) -> Option<Vec<Tensor<Base>>>
 where
     M: FunctionalModel,
     Base: BaseBackend,
@@ -178,7 +178,7 @@ where
     let features = stacked_features(model, &theta[..split], support.inputs(), support.tasks())?;
     // The query slot is not read by a support loss: the support features stand in.
     let (params, head_inner) = head_problem(features.clone(), features, theta, inner);
-    let fast = adapt_to(&HeadLoss::of(support, SUPPORT_FEATURES), &params, &head_inner, lambda);
+    let fast = adapt_to(&HeadLoss::of(support, SUPPORT_FEATURES), &params, &head_inner, how);
     Some(with_head(theta, &fast))
 }
 

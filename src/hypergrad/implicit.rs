@@ -6,10 +6,11 @@
 
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
 
 use crate::autodiff::diff::{Objective, evaluate_and_grad, hvp};
 use crate::autodiff::tensor::{BaseBackend, Tensor};
-use crate::hypergrad::inner::{Adapted, InnerLoop, axpy, proximal_adapt, proximal_adapt_sampled};
+use crate::hypergrad::inner::{Adaptation, Adapted, InnerLoop, adapt_to, axpy, proximal_adapt, proximal_adapt_sampled};
 use crate::hypergrad::neumann::neumann_series_of;
 use crate::hypergrad::result::{CurvatureWarning, Hypergradient};
 use crate::hypergrad::task::TaskSubsets;
@@ -24,9 +25,70 @@ pub enum LinearSolver {
     Neumann { steps: usize, lr: f64 },
 }
 
-/// iMAML with conjugate gradient.
+/// iMAML with conjugate gradient, as the paper states it.
 pub fn implicit<Base: BaseBackend, S: Objective<Base>, Q: Objective<Base>>(support: &S, query: &Q, theta: &[Tensor<Base>], inner: &InnerLoop, lambda: f64, cg_steps: usize) -> Hypergradient<Base> {
-    implicit_with(support, query, theta, inner, lambda, LinearSolver::ConjugateGradient { steps: cg_steps })
+    implicit_variant(support, query, theta, inner, lambda, cg_steps, &ImplicitVariant::default())
+}
+
+/// How iMAML's inner solve is run: the paper's gradient steps on the
+/// proximal objective, or its reference code's plain steps then one step
+/// back toward θ on the proximal term.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum InnerSolve {
+    #[default]
+    Proximal,
+    PullBack,
+}
+
+/// Where iMAML's reference code departs from the paper (defaults: the
+/// paper). Its conjugate gradient solves ((1 + c)I + H/(λ + d)) x = ∇L_q,
+/// c = `cg_damping`, d = `lambda_damping`, which is (1 + c) times the
+/// paper's system at λ' = (1 + c)(λ + d): so x is the paper's solution at λ'
+/// divided by 1 + c, and positive definite down to curvature −λ' instead of −λ.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ImplicitVariant {
+    pub inner_solve: InnerSolve,
+    pub cg_damping: f64,
+    pub lambda_damping: f64,
+}
+
+impl ImplicitVariant {
+    /// How a task is adapted to in training.
+    pub fn training_adaptation(&self, lambda: f64) -> Adaptation {
+        match self.inner_solve {
+            InnerSolve::Proximal => Adaptation::Proximal(lambda),
+            InnerSolve::PullBack => Adaptation::PullBack(lambda),
+        }
+    }
+
+    /// How a task is adapted to at validation and test time: the paper
+    /// adapts as it trains; the reference code tests with plain steps (its
+    /// measure_accuracy with λ = 0).
+    pub fn test_adaptation(&self, lambda: f64) -> Adaptation {
+        match self.inner_solve {
+            InnerSolve::Proximal => Adaptation::Proximal(lambda),
+            InnerSolve::PullBack => Adaptation::Plain,
+        }
+    }
+
+    /// λ' of the equivalent undamped system.
+    pub fn system_lambda(&self, lambda: f64) -> f64 {
+        (1.0 + self.cg_damping) * (lambda + self.lambda_damping)
+    }
+}
+
+/// iMAML with conjugate gradient, in `variant`'s inner solve and linear system.
+pub fn implicit_variant<Base: BaseBackend, S: Objective<Base>, Q: Objective<Base>>(support: &S, query: &Q, theta: &[Tensor<Base>], inner: &InnerLoop, lambda: f64, cg_steps: usize, variant: &ImplicitVariant) -> Hypergradient<Base> {
+    let phi = adapt_to(support, theta, inner, variant.training_adaptation(lambda));
+    let mut hessian = |v: &[Tensor<Base>]| hvp(support, &phi, v).2;
+    let solver = LinearSolver::ConjugateGradient { steps: cg_steps };
+    let mut h = solved(query, phi.clone(), &mut hessian, support.tasks(), variant.system_lambda(lambda), solver, inner);
+    if variant.cg_damping != 0.0 {
+        h.grad = h.grad.iter().map(|g| g.mul_scalar(1.0 / (1.0 + variant.cg_damping))).collect();
+    }
+    h
 }
 
 /// Proximal adaptation, then the linear system by `solver`; the result says

@@ -125,13 +125,32 @@ pub fn proximal_adapt<Base: BaseBackend, S: Objective<Base>>(support: &S, theta:
     adapted(&objective, theta, inner)
 }
 
-/// The fast weights a mode adapts to: the proximal problem's with `lambda`
-/// (the implicit modes, at training and test time), else the plain loop's.
-pub fn adapt_to<Base: BaseBackend, S: Objective<Base>>(support: &S, theta: &[Tensor<Base>], inner: &InnerLoop, lambda: Option<f64>) -> Vec<Tensor<Base>> {
-    match lambda {
-        Some(lambda) => proximal_adapt(support, theta, inner, lambda),
-        None => adapted(support, theta, inner),
+/// How a mode adapts to a task's support set.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Adaptation {
+    /// r gradient steps on the support loss (MAML and its estimators).
+    Plain,
+    /// r gradient steps on the proximal objective with this λ (iMAML's paper).
+    Proximal(f64),
+    /// r plain steps, then one step of size α on the proximal term alone,
+    /// φ ← φ − αλ(φ − θ) (iMAML's reference code).
+    PullBack(f64),
+}
+
+/// The fast weights by `how`.
+pub fn adapt_to<Base: BaseBackend, S: Objective<Base>>(support: &S, theta: &[Tensor<Base>], inner: &InnerLoop, how: Adaptation) -> Vec<Tensor<Base>> {
+    match how {
+        Adaptation::Plain => adapted(support, theta, inner),
+        Adaptation::Proximal(lambda) => proximal_adapt(support, theta, inner, lambda),
+        Adaptation::PullBack(lambda) => pulled_back(&adapted(support, theta, inner), theta, inner, lambda),
     }
+}
+
+/// φ − αλ(φ − θ): one gradient step of size α on (λ/2)‖φ − θ‖² (held
+/// parameters sit at θ, so they stay there).
+pub fn pulled_back<B: Level>(phi: &[Tensor<B>], theta: &[Tensor<B>], inner: &InnerLoop, lambda: f64) -> Vec<Tensor<B>> {
+    let displacement: Vec<Tensor<B>> = phi.iter().zip(theta).map(|(p, t)| p.sub(t)).collect();
+    axpy(phi, -inner.lr * lambda, &displacement)
 }
 
 /// `proximal_adapt` with each inner step on `size` random examples of each

@@ -16,7 +16,8 @@
 //!   E[g] = g_maml; q fixed or adapted to minimise cost × second moment.
 //! - `implicit` (iMAML): φ minimises L_s(φ) + (λ/2)‖φ − θ‖² approximately (r
 //!   steps from θ), and g solves (I + H_s(φ)/λ) g = ∇L_q(φ) by K steps of
-//!   conjugate gradient.
+//!   conjugate gradient. Its reference code's variant (plain inner steps, one
+//!   step back toward θ, a damped system) is a setting of the same mode.
 //! - `neumann` (AID-NS, as in stocBiO) and `fixed-point` (AID-FP): the same
 //!   system by a truncated Neumann series, with step η or with η = αλ.
 //!
@@ -41,8 +42,8 @@ pub mod ufo;
 
 pub use fomaml::fomaml;
 pub use head::{HeadLoss, adapt_head_only, estimate_head_only};
-pub use implicit::{LinearSolver, Sampling, conjugate_gradient, implicit, implicit_sampled, implicit_with};
-pub use inner::{Adapted, InnerLoop, adapt, adapt_to, adapted, axpy, inner_step, meta_loss, proximal_adapt, sgd_step};
+pub use implicit::{ImplicitVariant, InnerSolve, LinearSolver, Sampling, conjugate_gradient, implicit, implicit_sampled, implicit_variant, implicit_with};
+pub use inner::{Adaptation, Adapted, InnerLoop, adapt, adapt_to, adapted, axpy, inner_step, meta_loss, proximal_adapt, sgd_step};
 pub use maml::{maml, maml_unrolled};
 pub use meta_batch::{Batching, MetaGradient, TaskScores, meta_gradient, task_hypergradient};
 pub use mode::{Mode, estimate, hypergradient};

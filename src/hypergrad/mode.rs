@@ -8,8 +8,8 @@ use serde::{Deserialize, Serialize};
 use crate::autodiff::diff::Objective;
 use crate::autodiff::tensor::{BaseBackend, Tensor};
 use crate::hypergrad::fomaml::fomaml;
-use crate::hypergrad::implicit::{LinearSolver, Sampling, implicit, implicit_sampled, implicit_with};
-use crate::hypergrad::inner::InnerLoop;
+use crate::hypergrad::implicit::{ImplicitVariant, LinearSolver, Sampling, implicit_sampled, implicit_variant, implicit_with};
+use crate::hypergrad::inner::{Adaptation, InnerLoop};
 use crate::hypergrad::maml::{maml, maml_unrolled};
 use crate::hypergrad::result::{Draws, Hypergradient, UfoDraws};
 use crate::hypergrad::task::TaskSubsets;
@@ -24,8 +24,14 @@ pub enum Mode {
     MamlUnrolled,
     Fomaml,
     Ufo(QRule),
-    /// iMAML: the proximal problem's linear system by conjugate gradient.
-    Implicit { lambda: f64, cg_steps: usize },
+    /// iMAML: the proximal problem's linear system by conjugate gradient,
+    /// as the paper states it or (`variant`) as its reference code runs it.
+    Implicit {
+        lambda: f64,
+        cg_steps: usize,
+        #[serde(default)]
+        variant: ImplicitVariant,
+    },
     /// The same system by `steps` terms of the Neumann series with step `lr`
     /// (η); with `hvp_batch` each Hessian-vector product sees that many random
     /// support examples per task (stocBiO), with `inner_batch` each inner step.
@@ -52,6 +58,11 @@ pub enum Mode {
 
 impl Mode {
     pub const NAMES: &'static str = "maml, maml-unrolled, fomaml, ufo, ufo-adaptive, implicit, neumann, fixed-point";
+
+    /// iMAML as the paper states it.
+    pub fn implicit(lambda: f64, cg_steps: usize) -> Mode {
+        Mode::Implicit { lambda, cg_steps, variant: ImplicitVariant::default() }
+    }
 
     pub fn name(&self) -> &'static str {
         match self {
@@ -82,6 +93,24 @@ impl Mode {
         }
     }
 
+    /// How the mode adapts to a task at validation and test time.
+    pub fn test_adaptation(&self) -> Adaptation {
+        match (self, self.proximal_lambda()) {
+            (Mode::Implicit { variant, .. }, Some(lambda)) => variant.test_adaptation(lambda),
+            (_, Some(lambda)) => Adaptation::Proximal(lambda),
+            (_, None) => Adaptation::Plain,
+        }
+    }
+
+    /// λ of the linear system the implicit modes solve, I + H/λ (differs
+    /// from the proximal λ with the reference code's damping).
+    pub fn system_lambda(&self) -> Option<f64> {
+        match self {
+            Mode::Implicit { lambda, variant, .. } => Some(variant.system_lambda(*lambda)),
+            _ => self.proximal_lambda(),
+        }
+    }
+
     /// Check the mode's settings and the inner loop it runs with; errors name
     /// the value and the allowed range.
     pub fn validate(&self, inner: &InnerLoop) -> Result<()> {
@@ -102,6 +131,9 @@ impl Mode {
                 bail!("lambda = {}: the proximal regularisation strength must be > 0", self.proximal_lambda().unwrap_or_default())
             }
             Mode::Implicit { cg_steps: 0, .. } => bail!("cg steps = 0: implicit needs at least 1 conjugate-gradient step"),
+            Mode::Implicit { variant, .. } if !(variant.cg_damping.is_finite() && variant.cg_damping >= 0.0 && variant.lambda_damping.is_finite() && variant.lambda_damping >= 0.0) => {
+                bail!("cg damping = {}, lambda damping = {}: both must be finite numbers ≥ 0 (0 is the paper's system)", variant.cg_damping, variant.lambda_damping)
+            }
             Mode::Neumann { steps: 0, .. } | Mode::FixedPoint { steps: 0, .. } => {
                 bail!("neumann steps = 0: {} needs at least 1 term of the series", self.name())
             }
@@ -151,7 +183,7 @@ where
             Some(Draws::Ufo(draws)) => ufo::ufo_drawn(support, query, theta, inner, draws),
             _ => panic!("ufo: the Bernoulli draws are made before the tasks run (Mode::draw)"),
         },
-        Mode::Implicit { lambda, cg_steps } => implicit(support, query, theta, inner, *lambda, *cg_steps),
+        Mode::Implicit { lambda, cg_steps, variant } => implicit_variant(support, query, theta, inner, *lambda, *cg_steps, variant),
         Mode::Neumann { lambda, steps, lr, .. } => series(mode, support, query, theta, inner, *lambda, LinearSolver::Neumann { steps: *steps, lr: *lr }, draws),
         Mode::FixedPoint { lambda, steps, .. } => {
             series(mode, support, query, theta, inner, *lambda, LinearSolver::Neumann { steps: *steps, lr: inner.lr * lambda }, draws)

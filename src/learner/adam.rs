@@ -23,7 +23,12 @@ impl<B: BaseBackend> MetaAdam<B> {
     /// Adam with β = (0.9, 0.999) and ε = 1e-8 (PyTorch's defaults; Burn's
     /// default ε of 1e-5 damps small gradients) for `count` parameters.
     pub fn new(lr: f64, count: usize) -> Self {
-        MetaAdam { adam: AdamConfig::new().with_epsilon(1e-8).build(), lr, states: vec![None; count], _backend: Default::default() }
+        Self::with_epsilon(lr, 1e-8, count)
+    }
+
+    /// `new` with another ε (a larger one damps the steps of parameters whose gradients are small).
+    pub fn with_epsilon(lr: f64, epsilon: f64, count: usize) -> Self {
+        MetaAdam { adam: AdamConfig::new().with_epsilon(epsilon as f32).build(), lr, states: vec![None; count], _backend: Default::default() }
     }
 
     fn to_burn(t: &Tensor<B>) -> burn::tensor::Tensor<1> {

@@ -57,7 +57,7 @@ impl<M: FunctionalModel, B: BaseBackend> MetaLearner<M, B> {
     }
 
     /// Fast weights for a task: the inner loop on its support examples from
-    /// θ (the proximal problem for the implicit modes, as they train with).
+    /// θ, as the mode adapts at validation and test time (`Mode::test_adaptation`).
     pub fn adapt(&self, support: &Examples) -> Params<B> {
         self.adapt_with(support, &self.inner)
     }
@@ -67,8 +67,8 @@ impl<M: FunctionalModel, B: BaseBackend> MetaLearner<M, B> {
     pub fn adapt_with(&self, support: &Examples, inner: &InnerLoop) -> Params<B> {
         let theta = self.params.tensors();
         let loss = TaskLoss::single(&self.model, support, theta[0].precision(), &theta[0].device());
-        let lambda = self.mode.proximal_lambda();
-        let fast = adapt_head_only(&loss, theta, inner, lambda).unwrap_or_else(|| adapt_to(&loss, theta, inner, lambda));
+        let how = self.mode.test_adaptation();
+        let fast = adapt_head_only(&loss, theta, inner, how).unwrap_or_else(|| adapt_to(&loss, theta, inner, how));
         self.params.with_tensors(fast)
     }
 

@@ -11,7 +11,7 @@ use crate::autodiff::backend::BackendKind;
 use crate::autodiff::tensor::Precision;
 use crate::data::EpisodeShape;
 use crate::data::dataset::{DatasetKind, DatasetSpec, resolve_data_dir};
-use crate::hypergrad::{AdaptiveQ, Adapted, InnerLoop, Mode, QRule};
+use crate::hypergrad::{AdaptiveQ, Adapted, ImplicitVariant, InnerLoop, InnerSolve, Mode, QRule};
 use crate::models::FunctionalModel;
 use crate::models::conv4::Conv4;
 
@@ -155,6 +155,8 @@ pub struct TrainConfig {
     pub meta_batch: usize,
     /// Adam's step size on the initialisation.
     pub meta_lr: f64,
+    /// Adam's ε (PyTorch's 1e-8 by default; iMAML's reference code uses 1e-3).
+    pub adam_epsilon: f64,
     pub inner_steps: usize,
     pub inner_lr: f64,
     /// Clip the meta-gradient's global norm to this value; 0 turns clipping off.
@@ -190,6 +192,15 @@ pub struct ModeConfig {
     pub lambda: f64,
     /// implicit: conjugate-gradient steps.
     pub cg_steps: usize,
+    /// implicit: the inner solve, proximal (the paper: every step on the
+    /// proximal objective; tests the same way) or pull-back (the reference
+    /// code: plain steps, then one step on the proximal term; tests with
+    /// plain steps).
+    pub inner_solve: InnerSolve,
+    /// implicit: c in the reference code's system ((1 + c)I + H/(λ + d)) x = ∇L_q; 0: the paper.
+    pub cg_damping: f64,
+    /// implicit: d in that system; 0: the paper.
+    pub lambda_damping: f64,
     /// neumann and fixed-point: terms of the Neumann series (one
     /// Hessian-vector product each).
     pub neumann_steps: usize,
@@ -266,6 +277,7 @@ impl Default for TrainConfig {
             meta_steps: 60000,
             meta_batch: 32,
             meta_lr: 1e-3,
+            adam_epsilon: 1e-8,
             inner_steps: 1,
             inner_lr: 0.4,
             grad_clip: 0.0,
@@ -279,7 +291,7 @@ impl Default for TrainConfig {
 
 impl Default for ModeConfig {
     fn default() -> Self {
-        ModeConfig { name: ModeName::Maml, q_rule: QRuleName::Fixed, q: 0.1, q_min: 0.05, lambda: 1.0, cg_steps: 5, neumann_steps: 10, neumann_lr: 0.4, hvp_batch: 0, inner_batch: 0 }
+        ModeConfig { name: ModeName::Maml, q_rule: QRuleName::Fixed, q: 0.1, q_min: 0.05, lambda: 1.0, cg_steps: 5, inner_solve: InnerSolve::Proximal, cg_damping: 0.0, lambda_damping: 0.0, neumann_steps: 10, neumann_lr: 0.4, hvp_batch: 0, inner_batch: 0 }
     }
 }
 
@@ -355,7 +367,7 @@ impl Config {
                 QRuleName::Fixed => Mode::Ufo(QRule::Fixed(m.q)),
                 QRuleName::Adaptive => Mode::Ufo(QRule::Adaptive(AdaptiveQ::new(m.q_min))),
             },
-            ModeName::Implicit => Mode::Implicit { lambda: m.lambda, cg_steps: m.cg_steps },
+            ModeName::Implicit => Mode::Implicit { lambda: m.lambda, cg_steps: m.cg_steps, variant: ImplicitVariant { inner_solve: m.inner_solve, cg_damping: m.cg_damping, lambda_damping: m.lambda_damping } },
             ModeName::Neumann => Mode::Neumann { lambda: m.lambda, steps: m.neumann_steps, lr: m.neumann_lr, hvp_batch: batch(m.hvp_batch), inner_batch: batch(m.inner_batch) },
             ModeName::FixedPoint => Mode::FixedPoint { lambda: m.lambda, steps: m.neumann_steps, hvp_batch: batch(m.hvp_batch), inner_batch: batch(m.inner_batch) },
         })
@@ -433,6 +445,9 @@ impl Config {
         }
         if !(t.meta_lr.is_finite() && t.meta_lr > 0.0) {
             bail!("key `train.meta_lr` = {}: it must be a finite number > 0", t.meta_lr);
+        }
+        if !(t.adam_epsilon.is_finite() && t.adam_epsilon > 0.0) {
+            bail!("key `train.adam_epsilon` = {}: it must be a finite number > 0 (1e-8 is the usual value)", t.adam_epsilon);
         }
         if !(t.grad_clip.is_finite() && t.grad_clip >= 0.0) {
             bail!("key `train.grad_clip` = {}: use a norm > 0, or 0 for no clipping", t.grad_clip);

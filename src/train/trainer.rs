@@ -23,7 +23,7 @@ use crate::data::store::write_atomic;
 use crate::data::{BackgroundSampler, EpisodeSampler, EpisodeShape, Split, Task};
 use crate::hypergrad::meta_batch::{Batching, TaskScores};
 use crate::hypergrad::result::CurvatureWarning;
-use crate::learner::MetaLearner;
+use crate::learner::{MetaAdam, MetaLearner};
 use crate::models::{Conv4, FunctionalModel, Params};
 use crate::train::checkpoint::{self, Checkpoint, FORMAT, RngState, RunLock, TrainState, prune, set_pointer, step_name};
 use crate::train::config::Config;
@@ -157,6 +157,7 @@ impl<B: BaseBackend> Trainer<B> {
         }
         let mut sampler = EpisodeSampler::new(train_split, shape, stream_seed(config.run.seed, 1))?;
         let mut learner = MetaLearner::new(model.clone(), model.init::<B>(config.run.seed, precision, &device), config.mode()?, config.inner(), config.train.meta_lr)?;
+        learner.optimizer = MetaAdam::with_epsilon(config.train.meta_lr, config.train.adam_epsilon, learner.params.len());
         learner.batching = if task_batching { Batching::Stacked } else { Batching::TaskByTask };
         learner.rng = ChaCha8Rng::seed_from_u64(stream_seed(config.run.seed, 2));
         let (mut metrics, mut step, mut best, mut elapsed_before) = (String::new(), 0, None, 0.0);
@@ -316,7 +317,7 @@ impl<B: BaseBackend> Trainer<B> {
     /// at the first time, then at most once per 100 meta-iterations (every
     /// occurrence is in the metrics log).
     fn warn_on_curvature(&mut self, curvature: Option<CurvatureWarning>) {
-        let (Some(c), Some(lambda)) = (curvature, self.learner.mode.proximal_lambda()) else { return };
+        let (Some(c), Some(lambda)) = (curvature, self.learner.mode.system_lambda()) else { return };
         if self.last_curvature_warning.is_none_or(|s| self.step >= s + 100) {
             self.bar.suspend(|| eprintln!("warning at meta-iteration {}: {}", self.step + 1, c.describe(lambda)));
             self.last_curvature_warning = Some(self.step);

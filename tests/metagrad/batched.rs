@@ -93,7 +93,7 @@ fn every_mode_equals_the_task_by_task_path() {
         (Mode::MamlUnrolled, InnerLoop::new(2, 0.3)),
         (Mode::Fomaml, InnerLoop::new(3, 0.3)),
         (Mode::Ufo(QRule::Fixed(0.5)), InnerLoop::new(2, 0.3)),
-        (Mode::Implicit { lambda: 2.0, cg_steps: 4 }, InnerLoop::new(3, 0.1)),
+        (Mode::implicit(2.0, 4), InnerLoop::new(3, 0.1)),
         (Mode::Neumann { lambda: 2.0, steps: 4, lr: 0.3, hvp_batch: None, inner_batch: None }, InnerLoop::new(3, 0.1)),
         (Mode::FixedPoint { lambda: 2.0, steps: 4, hvp_batch: None, inner_batch: None }, InnerLoop::new(3, 0.1)),
     ];
@@ -127,7 +127,7 @@ fn parallel_task_by_task_path_equals_the_stacked_one() {
         Mode::Fomaml,
         Mode::Ufo(QRule::Fixed(0.5)),
         Mode::Ufo(QRule::Adaptive(AdaptiveQ::new(0.5))),
-        Mode::Implicit { lambda: 2.0, cg_steps: 3 },
+        Mode::implicit(2.0, 3),
     ];
     for mode in cases {
         let (mut a, mut b) = (mode.clone(), mode.clone());
@@ -214,7 +214,7 @@ fn native_kernels_give_the_reference_hypergradient_for_every_mode() {
         (Mode::Maml, InnerLoop::new(2, 0.3)),
         (Mode::Fomaml, InnerLoop::new(2, 0.3)),
         (Mode::Ufo(QRule::Fixed(0.5)), InnerLoop::new(2, 0.3)),
-        (Mode::Implicit { lambda: 2.0, cg_steps: 3 }, InnerLoop::new(2, 0.1)),
+        (Mode::implicit(2.0, 3), InnerLoop::new(2, 0.1)),
     ];
     for (mode, inner) in cases {
         for stacked in [false, true] {

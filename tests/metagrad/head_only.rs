@@ -6,7 +6,7 @@ use metagrad::autodiff::tensor::Tensor;
 use metagrad::data::Task;
 use metagrad::data::episode::Episode;
 use metagrad::hypergrad::stack::replicate;
-use metagrad::hypergrad::{Adapted, AdaptiveQ, Draws, InnerLoop, Mode, QRule, TaskLoss, adapt_head_only, adapted, estimate, estimate_head_only, proximal_adapt};
+use metagrad::hypergrad::{Adaptation, Adapted, AdaptiveQ, Draws, InnerLoop, Mode, QRule, TaskLoss, adapt_head_only, adapt_to, adapted, estimate, estimate_head_only, proximal_adapt};
 use metagrad::models::{Conv4, FunctionalModel, Mlp};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -27,7 +27,7 @@ fn modes() -> Vec<Mode> {
         Mode::MamlUnrolled,
         Mode::Fomaml,
         Mode::Ufo(QRule::Fixed(0.5)),
-        Mode::Implicit { lambda: 4.0, cg_steps: 4 },
+        Mode::implicit(4.0, 4),
         Mode::Neumann { lambda: 4.0, steps: 4, lr: 0.3, hvp_batch: None, inner_batch: None },
         Mode::FixedPoint { lambda: 4.0, steps: 4, hvp_batch: None, inner_batch: None },
     ]
@@ -102,14 +102,16 @@ fn head_only_adaptation_on_features_equals_the_whole_model() {
     let theta = CONV.init::<Cpu>(2, F64, &DEV).into_tensors();
     let s = TaskLoss::<_, Cpu>::single(&CONV, &tasks[0].support, F64, &DEV);
     let inner = head_only(10, 0.1);
-    let fast = adapt_head_only(&s, &theta, &inner, None).expect("a trunk and a linear head");
+    let fast = adapt_head_only(&s, &theta, &inner, Adaptation::Plain).expect("a trunk and a linear head");
     assert!(max_relative_difference(&fast, &adapted(&s, &theta, &inner)) < 1e-12, "plain inner loop");
-    let fast = adapt_head_only(&s, &theta, &inner, Some(3.0)).expect("a trunk and a linear head");
+    let fast = adapt_head_only(&s, &theta, &inner, Adaptation::PullBack(3.0)).expect("a trunk and a linear head");
+    assert!(max_relative_difference(&fast, &adapt_to(&s, &theta, &inner, Adaptation::PullBack(3.0))) < 1e-12, "pulled-back inner loop");
+    let fast = adapt_head_only(&s, &theta, &inner, Adaptation::Proximal(3.0)).expect("a trunk and a linear head");
     assert!(max_relative_difference(&fast, &proximal_adapt(&s, &theta, &inner, 3.0)) < 1e-12, "proximal inner loop");
     // The head moved, the trunk did not.
     assert!(max_relative_difference(&fast[16..], &theta[16..]) > 1e-6);
     assert_eq!(fast[..16].iter().map(|t| t.to_vec()).collect::<Vec<_>>(), theta[..16].iter().map(|t| t.to_vec()).collect::<Vec<_>>());
-    assert!(adapt_head_only(&s, &theta, &InnerLoop::new(1, 0.1), None).is_none());
+    assert!(adapt_head_only(&s, &theta, &InnerLoop::new(1, 0.1), Adaptation::Plain).is_none());
 }
 
 #[test]

@@ -236,6 +236,38 @@ fn implicit_matches_the_exact_solution_of_the_linear_system() {
     assert!(err < 1e-8, "CG solution differs from the direct solve by {err:.2e} (n = {n})");
 }
 
+#[test]
+fn the_reference_code_variant_solves_its_damped_system_at_the_pulled_back_weights() {
+    let model = Conv4 { channels: 2, ..Conv4::omniglot(3) };
+    let (theta, task) = task(&model, 3, 6, 9);
+    let (s, q) = task_losses(&model, &task);
+    let spectral_bound = explicit_hessian(&s, &theta).iter().flatten().map(|v| v * v).sum::<f64>().sqrt();
+    let (lambda, c, d) = (2.0, 1.0, 1.5 * spectral_bound);
+    let inner = InnerLoop::new(3, 0.1);
+    let variant = ImplicitVariant { inner_solve: InnerSolve::PullBack, cg_damping: c, lambda_damping: d };
+    let n = flatten(&theta).len();
+    let result = implicit_variant(&s, &q, &theta, &inner, lambda, n, &variant);
+    // Three plain steps, then φ ← φ − αλ(φ − θ), written out in f64.
+    let plain = flatten(adapt(&s, &theta, &inner).last().unwrap());
+    let start = flatten(&theta);
+    let phi_expected: Vec<f64> = plain.iter().zip(&start).map(|(p, t)| p - inner.lr * lambda * (p - t)).collect();
+    assert!(relative_error(&flatten(&result.adapted), &phi_expected) < 1e-12, "pulled-back fast weights");
+    let h = explicit_hessian(&s, &result.adapted);
+    let system: Vec<Vec<f64>> = (0..n).map(|i| (0..n).map(|j| (1.0 + c) * f64::from(i == j) + h[i][j] / (lambda + d)).collect()).collect();
+    let (_, b) = metagrad::autodiff::diff::value_and_grad(&q, &result.adapted);
+    let exact = solve(system, flatten(&b));
+    let err = relative_error(&flatten(&result.grad), &exact);
+    assert!(err < 1e-8, "the damped CG solution differs from the direct solve by {err:.2e} (n = {n})");
+    // The paper's variant at the same λ is a different estimate: the test can fail.
+    let paper = implicit(&s, &q, &theta, &inner, lambda, n);
+    assert!(relative_error(&flatten(&paper.grad), &exact) > 1e-2);
+    // The reference code tests with plain steps, the paper with its proximal problem.
+    let mode = Mode::Implicit { lambda, cg_steps: 5, variant };
+    assert_eq!(mode.test_adaptation(), Adaptation::Plain);
+    assert_eq!(Mode::implicit(lambda, 5).test_adaptation(), Adaptation::Proximal(lambda));
+    assert_eq!(mode.system_lambda(), Some((1.0 + c) * (lambda + d)));
+}
+
 /// Multinomial logistic regression: smooth and convex, so the proximal inner
 /// problem converges and the implicit hypergradient must equal the gradient
 /// of θ ↦ L_q(φ*(θ)). (Conv-4's ReLU and max-pool kinks keep plain gradient
@@ -289,9 +321,12 @@ fn bad_settings_are_named_with_their_allowed_range() {
     let msg = |m: Mode, i: InnerLoop| format!("{:#}", m.validate(&i).unwrap_err());
     assert!(msg(Mode::Ufo(QRule::Fixed(0.0)), ok).contains("q = 0: the exact-branch probability must be in (0, 1]"));
     assert!(msg(Mode::Ufo(QRule::Fixed(1.5)), ok).contains("q = 1.5"));
-    assert!(msg(Mode::Implicit { lambda: 0.0, cg_steps: 5 }, ok).contains("lambda = 0"));
-    assert!(msg(Mode::Implicit { lambda: -1.0, cg_steps: 5 }, ok).contains("must be > 0"));
-    assert!(msg(Mode::Implicit { lambda: 1.0, cg_steps: 0 }, ok).contains("cg steps = 0"));
+    assert!(msg(Mode::implicit(0.0, 5), ok).contains("lambda = 0"));
+    assert!(msg(Mode::implicit(-1.0, 5), ok).contains("must be > 0"));
+    assert!(msg(Mode::implicit(1.0, 0), ok).contains("cg steps = 0"));
+    let damped = |c, d| Mode::Implicit { lambda: 1.0, cg_steps: 5, variant: ImplicitVariant { inner_solve: InnerSolve::PullBack, cg_damping: c, lambda_damping: d } };
+    assert!(msg(damped(-1.0, 0.0), ok).contains("cg damping = -1"));
+    assert!(msg(damped(0.0, f64::NAN), ok).contains("must be finite numbers ≥ 0"));
     assert!(msg(Mode::Maml, InnerLoop::new(0, 0.1)).contains("inner steps = 0"));
     assert!(msg(Mode::Fomaml, InnerLoop::new(1, -0.1)).contains("inner learning rate = -0.1"));
     assert!(Mode::Ufo(QRule::Fixed(1.0)).validate(&ok).is_ok());

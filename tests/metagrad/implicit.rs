@@ -79,9 +79,9 @@ fn every_estimator_matches_its_closed_form_at_finite_steps() {
     close(&fixed_point.grad[0].to_vec(), &series(alpha * lambda), "fixed-point (η = αλ)");
     // CG on 5 distinct eigenvalues is exact after 5 steps: (I + D/λ)⁻¹ c; after 2 it is not.
     let solve = per_coordinate(&|d, c| c / (1.0 + d / lambda));
-    let cg = estimate(&Mode::Implicit { lambda, cg_steps: 5 }, &support, &query, &theta, &inner, None);
+    let cg = estimate(&Mode::implicit(lambda, 5), &support, &query, &theta, &inner, None);
     close(&cg.grad[0].to_vec(), &solve, "implicit (CG, 5 steps)");
-    let rough = estimate(&Mode::Implicit { lambda, cg_steps: 2 }, &support, &query, &theta, &inner, None);
+    let rough = estimate(&Mode::implicit(lambda, 2), &support, &query, &theta, &inner, None);
     assert!(relative_error(&rough.grad[0].to_vec(), &solve) > 1e-3, "2 CG steps cannot solve a 5-eigenvalue system");
     assert!(neumann.curvature.is_none() && cg.curvature.is_none());
 }

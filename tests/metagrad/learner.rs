@@ -20,7 +20,7 @@ fn every_mode() -> Vec<Mode> {
         Mode::Fomaml,
         Mode::Ufo(QRule::Fixed(0.5)),
         Mode::Ufo(QRule::Adaptive(AdaptiveQ::new(0.5))),
-        Mode::Implicit { lambda: 2.0, cg_steps: 4 },
+        Mode::implicit(2.0, 4),
         Mode::Neumann { lambda: 2.0, steps: 4, lr: 0.02, hvp_batch: None, inner_batch: None },
         Mode::FixedPoint { lambda: 2.0, steps: 4, hvp_batch: None, inner_batch: None },
         Mode::Neumann { lambda: 2.0, steps: 4, lr: 0.02, hvp_batch: Some(3), inner_batch: Some(4) },
@@ -180,7 +180,7 @@ fn head_only_implicit_is_exact_when_the_proximal_problem_converges() {
     let (s, q) = task_losses(&mlp, task);
     let lambda = 10.0;
     let inner = head_only(2000, 0.3 / lambda);
-    for mode in [Mode::Implicit { lambda, cg_steps: 100 }, Mode::Neumann { lambda, steps: 400, lr: 0.5, hvp_batch: None, inner_batch: None }] {
+    for mode in [Mode::implicit(lambda, 100), Mode::Neumann { lambda, steps: 400, lr: 0.5, hvp_batch: None, inner_batch: None }] {
         let g = estimate(&mode, &s, &q, &theta, &inner, None).grad;
         let meta = |t: &[metagrad::autodiff::tensor::Tensor<Cpu>]| metagrad::autodiff::diff::Objective::eval(&q, &metagrad::hypergrad::proximal_adapt(&s, t, &inner, lambda)).item();
         let d = random_unit_direction(&mut rng(3), &theta);

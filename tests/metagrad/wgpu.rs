@@ -81,7 +81,7 @@ fn wgpu_f32_derivatives_agree_with_flex_f64() {
         Mode::MamlUnrolled,
         Mode::Fomaml,
         Mode::Ufo(QRule::Fixed(0.5)),
-        Mode::Implicit { lambda: 2.0, cg_steps: 3 },
+        Mode::implicit(2.0, 3),
     ];
     let mut failures = Vec::new();
     for mode in modes {

@@ -10,7 +10,7 @@ use metagrad::autodiff::tensor::Precision;
 use metagrad::data::dataset::{DatasetKind, DatasetSpec};
 use metagrad::data::episode::Episode;
 use metagrad::data::{EpisodeSampler, EpisodeShape};
-use metagrad::hypergrad::{AdaptiveQ, Mode, QRule};
+use metagrad::hypergrad::{AdaptiveQ, ImplicitVariant, InnerSolve, Mode, QRule};
 use metagrad::train::config::{Config, InnerParams};
 
 #[derive(Parser)]
@@ -145,6 +145,15 @@ pub struct HypergradArgs {
     /// implicit: conjugate-gradient steps K.
     #[arg(long, default_value_t = 5)]
     pub cg_steps: usize,
+    /// implicit: the inner solve, proximal (the paper) or pull-back (iMAML's reference code).
+    #[arg(long, default_value = "proximal", value_parser = ["proximal", "pull-back"])]
+    pub inner_solve: String,
+    /// implicit: c in the reference code's system ((1 + c)I + H/(λ + d)) x = ∇L_q.
+    #[arg(long, default_value_t = 0.0)]
+    pub cg_damping: f64,
+    /// implicit: d in that system.
+    #[arg(long, default_value_t = 0.0)]
+    pub lambda_damping: f64,
     /// neumann, fixed-point: terms K of the Neumann series.
     #[arg(long, default_value_t = 10)]
     pub neumann_steps: usize,
@@ -181,7 +190,10 @@ impl HypergradArgs {
             "fomaml" => Mode::Fomaml,
             "ufo" => Mode::Ufo(QRule::Fixed(self.q)),
             "ufo-adaptive" => Mode::Ufo(QRule::Adaptive(AdaptiveQ::new(0.05))),
-            "implicit" => Mode::Implicit { lambda: self.lambda, cg_steps: self.cg_steps },
+            "implicit" => {
+                let inner_solve = if self.inner_solve == "pull-back" { InnerSolve::PullBack } else { InnerSolve::Proximal };
+                Mode::Implicit { lambda: self.lambda, cg_steps: self.cg_steps, variant: ImplicitVariant { inner_solve, cg_damping: self.cg_damping, lambda_damping: self.lambda_damping } }
+            }
             "neumann" => Mode::Neumann { lambda: self.lambda, steps: self.neumann_steps, lr: self.neumann_lr, hvp_batch: self.hvp_batch, inner_batch: self.inner_batch },
             "fixed-point" => Mode::FixedPoint { lambda: self.lambda, steps: self.neumann_steps, hvp_batch: self.hvp_batch, inner_batch: self.inner_batch },
             other => bail!("unknown mode '{other}': expected one of {}", Mode::NAMES),
