@@ -285,3 +285,31 @@ fn bad_configs_and_checkpoints_say_what_is_wrong() {
     let e = err(&metagrad(&["eval", "--checkpoint", dir.join("nowhere").to_str().unwrap()]));
     assert!(e.contains("no checkpoint"), "{e}");
 }
+
+#[test]
+fn every_shipped_config_loads_and_the_implicit_ones_say_which_algorithm() {
+    use metagrad::hypergrad::{ImplicitVariant, InnerSolve, Mode};
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs");
+    let load = |name: &str, overrides: &[&str]| Config::load(&dir.join(name), &overrides.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+    let mut shipped = 0;
+    for entry in std::fs::read_dir(&dir).unwrap().flatten() {
+        let path = entry.path();
+        if path.extension().is_some_and(|e| e == "toml") {
+            let config = Config::load(&path, &[]).unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));
+            config.mode().unwrap().validate(&config.inner()).unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));
+            shipped += 1;
+        }
+    }
+    assert!(shipped >= 10, "only {shipped} configs found in {}", dir.display());
+    let reference = load("omniglot-5way-1shot-implicit-reference.toml", &[]).unwrap();
+    let variant = ImplicitVariant { inner_solve: InnerSolve::PullBack, cg_damping: 1.0, lambda_damping: 10.0 };
+    assert_eq!(reference.mode().unwrap(), Mode::Implicit { lambda: 2.0, cg_steps: 5, variant });
+    assert_eq!(reference.train.adam_epsilon, 1e-3);
+    let paper = load("omniglot-5way-1shot-implicit.toml", &[]).unwrap();
+    assert_eq!(paper.mode().unwrap(), Mode::implicit(2.0, 5));
+    assert_eq!(paper.train.adam_epsilon, 1e-8);
+    let e = format!("{:#}", load("omniglot-5way-1shot-implicit.toml", &["mode.inner_solve=pullback"]).unwrap_err());
+    assert!(e.contains("mode.inner_solve") && e.contains("pull-back"), "{e}");
+    let e = format!("{:#}", load("omniglot-5way-1shot-implicit.toml", &["train.adam_epsilon=0"]).unwrap_err());
+    assert!(e.contains("train.adam_epsilon") && e.contains("> 0"), "{e}");
+}
