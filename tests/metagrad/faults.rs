@@ -312,14 +312,20 @@ fn a_run_from_another_machine_reads_the_local_data_folder() {
 fn runs_says_where_each_run_stands() {
     let dir = temp("runs-status");
     let (config, run) = trained(&dir, "small");
-    ok(&metagrad(&["train", "--config", config.to_str().unwrap(), "--quiet", "--set", "run.name=short", "--set", "train.meta_steps=9"]));
-    let short = dir.join("checkpoints/short");
+    // A name longer than any fixed column: the columns still line up.
+    let long = "a-run-whose-name-is-longer-than-forty-characters";
+    ok(&metagrad(&["train", "--config", config.to_str().unwrap(), "--quiet", "--set", &format!("run.name={long}"), "--set", "train.meta_steps=9"]));
+    let short = dir.join("checkpoints").join(long);
     ok(&metagrad(&["train", "--resume", short.to_str().unwrap(), "--quiet", "--set", "train.meta_steps=12"]));
     ok(&metagrad(&["eval", "--checkpoint", run.to_str().unwrap(), "--episodes", "4", "--backend", "cpu"]));
     let table = ok(&metagrad(&["runs", dir.join("checkpoints").to_str().unwrap()]));
     let line = |name: &str| table.lines().find(|l| l.starts_with(&format!("{name} "))).unwrap_or_else(|| panic!("{table}")).to_string();
     assert!(line("small").contains("6 / 6") && line("small").ends_with("finished") && line("small").contains(" ± "), "{table}");
-    assert!(line("short").contains("12 / 12"), "{table}");
+    assert!(line(long).contains("12 / 12"), "{table}");
+    let mode_column = table.lines().next().unwrap().find(" mode").unwrap() + 1;
+    for row in [line("small"), line(long)] {
+        assert!(row[..mode_column].ends_with(' ') && row[mode_column..].starts_with("maml"), "columns out of line:\n{table}");
+    }
     // Held by a process: the table names it.
     let lock = RunLock::acquire(&run).unwrap();
     let table = ok(&metagrad(&["runs", run.to_str().unwrap()]));

@@ -204,14 +204,17 @@ pub fn runs(dirs: &[PathBuf], json: bool) -> Result<()> {
         return Ok(());
     }
     let count = |n: usize| n.to_string().as_bytes().rchunks(3).rev().map(|c| String::from_utf8_lossy(c).into_owned()).collect::<Vec<_>>().join(",");
-    println!("{:<34} {:<22} {:<22} {:>17} {:>19} {:>25} {:>7}  state", "run", "mode", "task", "meta-iterations", "best validation", "test (run's eval.json)", "hours");
+    let name_of = |r: &RunStatus| r.run.file_name().map_or_else(|| r.run.display().to_string(), |n| n.to_string_lossy().into_owned());
+    // The name column fits the longest run name, so the columns line up.
+    let width = all.iter().map(|r| name_of(r).chars().count()).max().unwrap_or(0).max(20);
+    println!("{:<width$} {:<22} {:<22} {:>17} {:>19} {:>25} {:>7}  state", "run", "mode", "task", "meta-iterations", "best validation", "test (run's eval.json)", "hours");
     for r in &all {
-        let name = r.run.file_name().map_or_else(|| r.run.display().to_string(), |n| n.to_string_lossy().into_owned());
+        let name = name_of(r);
         let best = r.best.map_or("-".into(), |b| format!("{:.2} % at {}", 100.0 * b.accuracy, count(b.step)));
         let test = r.test.map_or("-".into(), |t| format!("{:.2} ± {:.2} % at {}", 100.0 * t.accuracy, 100.0 * t.ci95.unwrap_or(0.0), count(t.step)));
         let task = format!("{} {}-way {}-shot", r.dataset, r.way, r.shot);
         let progress = format!("{} / {}", count(r.step), count(r.meta_steps));
-        println!("{name:<34} {:<22} {task:<22} {progress:>17} {best:>19} {test:>25} {:>7.2}  {}", r.mode, r.wall_s / 3600.0, r.activity());
+        println!("{name:<width$} {:<22} {task:<22} {progress:>17} {best:>19} {test:>25} {:>7.2}  {}", r.mode, r.wall_s / 3600.0, r.activity());
     }
     Ok(())
 }
