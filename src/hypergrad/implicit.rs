@@ -82,9 +82,7 @@ impl ImplicitVariant {
 /// iMAML with conjugate gradient, in `variant`'s inner solve and linear system.
 pub fn implicit_variant<Base: BaseBackend, S: Objective<Base>, Q: Objective<Base>>(support: &S, query: &Q, theta: &[Tensor<Base>], inner: &InnerLoop, lambda: f64, cg_steps: usize, variant: &ImplicitVariant) -> Hypergradient<Base> {
     let phi = adapt_to(support, theta, inner, variant.training_adaptation(lambda));
-    let mut hessian = |v: &[Tensor<Base>]| hvp(support, &phi, v).2;
-    let solver = LinearSolver::ConjugateGradient { steps: cg_steps };
-    let mut h = solved(query, phi.clone(), &mut hessian, support.tasks(), variant.system_lambda(lambda), solver, inner);
+    let mut h = solved_at(support, query, phi, inner, variant.system_lambda(lambda), LinearSolver::ConjugateGradient { steps: cg_steps });
     if variant.cg_damping != 0.0 {
         h.grad = h.grad.iter().map(|g| g.mul_scalar(1.0 / (1.0 + variant.cg_damping))).collect();
     }
@@ -94,7 +92,12 @@ pub fn implicit_variant<Base: BaseBackend, S: Objective<Base>, Q: Objective<Base
 /// Proximal adaptation, then the linear system by `solver`; the result says
 /// when the solver met non-positive curvature.
 pub fn implicit_with<Base: BaseBackend, S: Objective<Base>, Q: Objective<Base>>(support: &S, query: &Q, theta: &[Tensor<Base>], inner: &InnerLoop, lambda: f64, solver: LinearSolver) -> Hypergradient<Base> {
-    let phi = proximal_adapt(support, theta, inner, lambda);
+    solved_at(support, query, proximal_adapt(support, theta, inner, lambda), inner, lambda, solver)
+}
+
+/// The linear system at the fast weights φ with the support loss's exact
+/// Hessian products (`solved`).
+fn solved_at<Base: BaseBackend, S: Objective<Base>, Q: Objective<Base>>(support: &S, query: &Q, phi: Vec<Tensor<Base>>, inner: &InnerLoop, lambda: f64, solver: LinearSolver) -> Hypergradient<Base> {
     let mut hessian = |v: &[Tensor<Base>]| hvp(support, &phi, v).2;
     solved(query, phi.clone(), &mut hessian, support.tasks(), lambda, solver, inner)
 }

@@ -95,10 +95,9 @@ impl Mode {
 
     /// How the mode adapts to a task at validation and test time.
     pub fn test_adaptation(&self) -> Adaptation {
-        match (self, self.proximal_lambda()) {
-            (Mode::Implicit { variant, .. }, Some(lambda)) => variant.test_adaptation(lambda),
-            (_, Some(lambda)) => Adaptation::Proximal(lambda),
-            (_, None) => Adaptation::Plain,
+        match self {
+            Mode::Implicit { lambda, variant, .. } => variant.test_adaptation(*lambda),
+            _ => self.proximal_lambda().map_or(Adaptation::Plain, Adaptation::Proximal),
         }
     }
 
