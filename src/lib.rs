@@ -26,7 +26,7 @@ pub mod prelude {
     pub use crate::autodiff::tensor::{BaseBackend, Precision, Tensor};
     pub use crate::data::{Examples, Targets, Task};
     pub use crate::hypergrad::{Adapted, Batching, InnerLoop, Mode, QRule, TaskScores};
-    pub use crate::learner::{MetaAdam, MetaLearner};
+    pub use crate::learner::{MetaAdam, MetaLearner, MetaLrSchedule};
     pub use crate::models::{Conv4, FunctionalModel, Mlp, Params};
 
     /// The CPU backend (Burn's Flex).

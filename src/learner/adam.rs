@@ -9,12 +9,15 @@ use burn::optim::{Adam, AdamConfig, AdamState, AdaptiveMomentumState, Optimizer}
 
 use crate::autodiff::tensor::{BaseBackend, Precision, Tensor};
 use crate::data::store::HostTensor;
+use crate::learner::schedule::MetaLrSchedule;
 
 /// Adam over a list of parameter tensors. Each state is kept flattened:
 /// Adam is elementwise, so rank 1 serves every parameter shape.
 pub struct MetaAdam<B: BaseBackend> {
     adam: Adam,
+    /// The base rate, which `schedule` scales step by step.
     pub lr: f64,
+    pub schedule: MetaLrSchedule,
     states: Vec<Option<AdamState<1>>>,
     _backend: std::marker::PhantomData<B>,
 }
@@ -28,7 +31,17 @@ impl<B: BaseBackend> MetaAdam<B> {
 
     /// `new` with another ε (a larger one damps the steps of parameters whose gradients are small).
     pub fn with_epsilon(lr: f64, epsilon: f64, count: usize) -> Self {
-        MetaAdam { adam: AdamConfig::new().with_epsilon(epsilon as f32).build(), lr, states: vec![None; count], _backend: Default::default() }
+        MetaAdam { adam: AdamConfig::new().with_epsilon(epsilon as f32).build(), lr, schedule: MetaLrSchedule::Constant, states: vec![None; count], _backend: Default::default() }
+    }
+
+    /// The same optimiser with its rate following `schedule`.
+    pub fn with_schedule(self, schedule: MetaLrSchedule) -> Self {
+        MetaAdam { schedule, ..self }
+    }
+
+    /// The rate the next step takes.
+    pub fn rate(&self) -> f64 {
+        self.schedule.rate(self.lr, self.time())
     }
 
     fn to_burn(t: &Tensor<B>) -> burn::tensor::Tensor<1> {
@@ -38,12 +51,13 @@ impl<B: BaseBackend> MetaAdam<B> {
     /// One Adam step: the updated parameters.
     pub fn step(&mut self, params: &[Tensor<B>], grads: &[Tensor<B>]) -> Vec<Tensor<B>> {
         assert_eq!(params.len(), self.states.len(), "Adam: {} parameters for {} states", params.len(), self.states.len());
+        let lr = self.rate();
         params
             .iter()
             .zip(grads)
             .zip(self.states.iter_mut())
             .map(|((p, g), state)| {
-                let (updated, next) = self.adam.step(self.lr, Self::to_burn(p), Self::to_burn(g), state.take());
+                let (updated, next) = self.adam.step(lr, Self::to_burn(p), Self::to_burn(g), state.take());
                 *state = next;
                 Tensor(B::base_from_burn(updated)).reshape(&p.dims())
             })

@@ -15,6 +15,7 @@
 //! ```
 
 pub mod adam;
+pub mod schedule;
 
 use anyhow::Result;
 use rand::SeedableRng;
@@ -31,6 +32,7 @@ use crate::hypergrad::task::{TaskLoss, accuracy};
 use crate::models::{FunctionalModel, Params};
 
 pub use adam::MetaAdam;
+pub use schedule::MetaLrSchedule;
 
 /// A model's meta-parameters θ, the mode that computes their hypergradient,
 /// the inner loop, and Adam on θ.

@@ -12,6 +12,7 @@ use crate::autodiff::tensor::Precision;
 use crate::data::EpisodeShape;
 use crate::data::dataset::{DatasetKind, DatasetSpec, resolve_data_dir};
 use crate::hypergrad::{AdaptiveQ, Adapted, ImplicitVariant, InnerLoop, InnerSolve, Mode, QRule};
+use crate::learner::MetaLrSchedule;
 use crate::models::FunctionalModel;
 use crate::models::conv4::Conv4;
 
@@ -90,6 +91,15 @@ pub enum TaskBatching {
     Off,
 }
 
+/// The `train.meta_lr_schedule` of a config.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MetaLrScheduleName {
+    Constant,
+    Cosine,
+    Step,
+}
+
 /// The `mode.name` of a config.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -157,6 +167,13 @@ pub struct TrainConfig {
     pub meta_lr: f64,
     /// Adam's ε (PyTorch's 1e-8 by default; iMAML's reference code uses 1e-3).
     pub adam_epsilon: f64,
+    /// How meta_lr changes over the run: constant (the papers); cosine (MAML++:
+    /// annealed to meta_lr_min over meta_steps); step (times meta_lr_gamma
+    /// after each meta-iteration listed in meta_lr_milestones).
+    pub meta_lr_schedule: MetaLrScheduleName,
+    pub meta_lr_min: f64,
+    pub meta_lr_milestones: Vec<usize>,
+    pub meta_lr_gamma: f64,
     pub inner_steps: usize,
     pub inner_lr: f64,
     /// Clip the meta-gradient's global norm to this value; 0 turns clipping off.
@@ -278,6 +295,10 @@ impl Default for TrainConfig {
             meta_batch: 32,
             meta_lr: 1e-3,
             adam_epsilon: 1e-8,
+            meta_lr_schedule: MetaLrScheduleName::Constant,
+            meta_lr_min: 0.0,
+            meta_lr_milestones: Vec::new(),
+            meta_lr_gamma: 0.1,
             inner_steps: 1,
             inner_lr: 0.4,
             grad_clip: 0.0,
@@ -373,6 +394,16 @@ impl Config {
         })
     }
 
+    /// The schedule of the meta learning rate (`train.meta_lr_schedule`).
+    pub fn meta_lr_schedule(&self) -> MetaLrSchedule {
+        let t = &self.train;
+        match t.meta_lr_schedule {
+            MetaLrScheduleName::Constant => MetaLrSchedule::Constant,
+            MetaLrScheduleName::Cosine => MetaLrSchedule::Cosine { steps: t.meta_steps, min_lr: t.meta_lr_min },
+            MetaLrScheduleName::Step => MetaLrSchedule::MultiStep { milestones: t.meta_lr_milestones.clone(), gamma: t.meta_lr_gamma },
+        }
+    }
+
     pub fn inner(&self) -> InnerLoop {
         InnerLoop { steps: self.train.inner_steps, lr: self.train.inner_lr, adapted: self.adapted() }
     }
@@ -448,6 +479,25 @@ impl Config {
         }
         if !(t.adam_epsilon.is_finite() && t.adam_epsilon > 0.0) {
             bail!("key `train.adam_epsilon` = {}: it must be a finite number > 0 (1e-8 is the usual value)", t.adam_epsilon);
+        }
+        match t.meta_lr_schedule {
+            MetaLrScheduleName::Constant => {}
+            MetaLrScheduleName::Cosine => {
+                if !(t.meta_lr_min.is_finite() && t.meta_lr_min >= 0.0 && t.meta_lr_min < t.meta_lr) {
+                    bail!("key `train.meta_lr_min` = {}: the cosine schedule anneals meta_lr = {} down to it, so it must be ≥ 0 and below meta_lr", t.meta_lr_min, t.meta_lr);
+                }
+            }
+            MetaLrScheduleName::Step => {
+                if t.meta_lr_milestones.is_empty() || t.meta_lr_milestones.contains(&0) || !t.meta_lr_milestones.is_sorted_by(|a, b| a < b) {
+                    bail!(
+                        "key `train.meta_lr_milestones` = {:?}: the step schedule needs the meta-iterations after which meta_lr decays, increasing and ≥ 1, e.g. [20000, 40000]",
+                        t.meta_lr_milestones
+                    );
+                }
+                if !(t.meta_lr_gamma.is_finite() && t.meta_lr_gamma > 0.0) {
+                    bail!("key `train.meta_lr_gamma` = {}: the factor applied at each milestone must be a finite number > 0 (0.1 is usual)", t.meta_lr_gamma);
+                }
+            }
         }
         if !(t.grad_clip.is_finite() && t.grad_clip >= 0.0) {
             bail!("key `train.grad_clip` = {}: use a norm > 0, or 0 for no clipping", t.grad_clip);

@@ -32,6 +32,9 @@ pub struct Metrics {
     /// curvature: the λ above which I + H/λ is positive along what was met.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub curvature_lambda: Option<f64>,
+    /// train, when `train.meta_lr_schedule` is not constant: the meta learning rate of this step.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub meta_lr: Option<f64>,
     /// Wall-clock seconds of training so far (differs between runs, unlike the rest).
     pub elapsed_s: f64,
 }

@@ -157,7 +157,7 @@ impl<B: BaseBackend> Trainer<B> {
         }
         let mut sampler = EpisodeSampler::new(train_split, shape, stream_seed(config.run.seed, 1))?;
         let mut learner = MetaLearner::new(model.clone(), model.init::<B>(config.run.seed, precision, &device), config.mode()?, config.inner(), config.train.meta_lr)?;
-        learner.optimizer = MetaAdam::with_epsilon(config.train.meta_lr, config.train.adam_epsilon, learner.params.len());
+        learner.optimizer = MetaAdam::with_epsilon(config.train.meta_lr, config.train.adam_epsilon, learner.params.len()).with_schedule(config.meta_lr_schedule());
         learner.batching = if task_batching { Batching::Stacked } else { Batching::TaskByTask };
         learner.rng = ChaCha8Rng::seed_from_u64(stream_seed(config.run.seed, 2));
         let (mut metrics, mut step, mut best, mut elapsed_before) = (String::new(), 0, None, 0.0);
@@ -250,6 +250,7 @@ impl<B: BaseBackend> Trainer<B> {
             grad = grad.iter().map(|g| g.mul_scalar(clip / scores.grad_norm)).collect();
         }
         let hypergradient_s = start.elapsed().as_secs_f64() - data_s;
+        let meta_lr = (!self.learner.optimizer.schedule.is_constant()).then(|| self.learner.optimizer.rate());
         self.learner.apply(&grad);
         if profile::enabled() {
             // Wait for the device, so the step is timed, not just queued.
@@ -260,7 +261,7 @@ impl<B: BaseBackend> Trainer<B> {
         self.episode_rng = self.sampler.rng_after_last().map(RngState::of);
         let ufo = (!warmup && matches!(self.learner.mode, crate::hypergrad::Mode::Ufo(_))).then_some((meta.q, &meta.exact));
         self.warn_on_curvature(meta.curvature);
-        self.record(&scores, ufo, meta.curvature)?;
+        self.record(&scores, ufo, meta.curvature, meta_lr)?;
         self.last_tasks = tasks;
         let total_s = start.elapsed().as_secs_f64();
         self.timings.push(StepTiming { data_s, hypergradient_s, optimizer_s, other_s: total_s - data_s - hypergradient_s - optimizer_s, phases });
@@ -281,7 +282,7 @@ impl<B: BaseBackend> Trainer<B> {
 
     /// Log the meta-iteration (and a validation when due), update the bar,
     /// and take a checkpoint when due.
-    fn record(&mut self, scores: &TaskScores, ufo: Option<(Option<f64>, &Vec<bool>)>, curvature: Option<CurvatureWarning>) -> Result<()> {
+    fn record(&mut self, scores: &TaskScores, ufo: Option<(Option<f64>, &Vec<bool>)>, curvature: Option<CurvatureWarning>, meta_lr: Option<f64>) -> Result<()> {
         let (loss, accuracy) = (scores.mean_loss(), scores.mean_accuracy().expect("episodes are classification tasks"));
         let exact_fraction = ufo.map(|(_, exact)| exact.iter().filter(|&&e| e).count() as f64 / scores.losses.len() as f64);
         let q = ufo.and_then(|(q, _)| q);
@@ -291,7 +292,7 @@ impl<B: BaseBackend> Trainer<B> {
             _ => None,
         };
         let (ufo_d2, ufo_v2) = moments.unzip();
-        let mut lines = vec![Metrics { step: self.step, split: "train".into(), loss, accuracy, ci95: None, q, exact_fraction, ufo_d2, ufo_v2, curvature_lambda, elapsed_s: self.elapsed() }];
+        let mut lines = vec![Metrics { step: self.step, split: "train".into(), loss, accuracy, ci95: None, q, exact_fraction, ufo_d2, ufo_v2, curvature_lambda, meta_lr, elapsed_s: self.elapsed() }];
         let validation = self.validate_if_due()?;
         let improved = validation.as_ref().is_some_and(|(_, improved)| *improved);
         lines.extend(validation.as_ref().map(|(m, _)| m.clone()));
@@ -336,7 +337,7 @@ impl<B: BaseBackend> Trainer<B> {
         if improved {
             self.best = Some((self.step, s.accuracy));
         }
-        let line = Metrics { step: self.step, split: "val".into(), loss: s.loss, accuracy: s.accuracy, ci95: Some(s.ci95), q: None, exact_fraction: None, ufo_d2: None, ufo_v2: None, curvature_lambda: None, elapsed_s: self.elapsed() };
+        let line = Metrics { step: self.step, split: "val".into(), loss: s.loss, accuracy: s.accuracy, ci95: Some(s.ci95), q: None, exact_fraction: None, ufo_d2: None, ufo_v2: None, curvature_lambda: None, meta_lr: None, elapsed_s: self.elapsed() };
         Ok(Some((line, improved)))
     }
 

@@ -14,6 +14,7 @@ mod learner;
 mod mini_imagenet;
 mod model;
 mod omniglot;
+mod schedule;
 mod ops;
 mod store;
 mod train;
