@@ -312,4 +312,9 @@ fn every_shipped_config_loads_and_the_implicit_ones_say_which_algorithm() {
     assert!(e.contains("mode.inner_solve") && e.contains("pull-back"), "{e}");
     let e = format!("{:#}", load("omniglot-5way-1shot-implicit.toml", &["train.adam_epsilon=0"]).unwrap_err());
     assert!(e.contains("train.adam_epsilon") && e.contains("> 0"), "{e}");
+    // The decayed fomaml is the paper-setting fomaml but for its name and its schedule.
+    let decay = load("omniglot-5way-1shot-fomaml-decay.toml", &[]).unwrap();
+    assert_eq!(decay.meta_lr_schedule(), metagrad::learner::MetaLrSchedule::MultiStep { milestones: vec![18500], gamma: 0.1 });
+    let fomaml = load("omniglot-5way-1shot-fomaml.toml", &["run.name=\"omniglot-5way-1shot-fomaml-decay\"", "train.meta_lr_schedule=step", "train.meta_lr_milestones=[18500]", "train.meta_lr_gamma=0.1"]).unwrap();
+    assert_eq!(decay, fomaml);
 }
