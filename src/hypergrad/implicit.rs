@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use crate::autodiff::diff::{Objective, evaluate_and_grad, hvp};
 use crate::autodiff::tensor::{BaseBackend, Tensor};
 use crate::hypergrad::inner::{Adaptation, Adapted, InnerLoop, adapt_to, axpy, proximal_adapt, proximal_adapt_sampled};
-use crate::hypergrad::neumann::neumann_series_of;
+use crate::hypergrad::neumann::{LinearMap, neumann_series_of};
 use crate::hypergrad::result::{CurvatureWarning, Hypergradient};
 use crate::hypergrad::task::TaskSubsets;
 use crate::hypergrad::stack::{scale_tasks, task_dots};
@@ -138,7 +138,7 @@ where
 /// the Hessian product `hessian`, M the mask of adapted parameters. With
 /// every parameter adapted g = x; otherwise the parameters held at θ in the
 /// inner loop get ∇L_q − (Hx)/λ, their effect through the adapted ones.
-fn solved<Base: BaseBackend, Q: Objective<Base>>(query: &Q, phi: Vec<Tensor<Base>>, hessian: &mut dyn FnMut(&[Tensor<Base>]) -> Vec<Tensor<Base>>, tasks: usize, lambda: f64, solver: LinearSolver, inner: &InnerLoop) -> Hypergradient<Base> {
+fn solved<Base: BaseBackend, Q: Objective<Base>>(query: &Q, phi: Vec<Tensor<Base>>, hessian: &mut LinearMap<Base>, tasks: usize, lambda: f64, solver: LinearSolver, inner: &InnerLoop) -> Hypergradient<Base> {
     let (evaluation, g_query) = evaluate_and_grad(query, &phi);
     let adapted = inner.adapted;
     let b = adapted.mask(&g_query);
@@ -185,7 +185,7 @@ pub(crate) fn proximal_system<Base: BaseBackend>(mut hessian: impl FnMut(&[Tenso
 }
 
 /// Conjugate gradient for any product v ↦ Av = v + Hv/λ, per stacked task.
-fn conjugate_gradient_of<Base: BaseBackend>(apply: &mut dyn FnMut(&[Tensor<Base>]) -> Vec<Tensor<Base>>, tasks: usize, b: &[Tensor<Base>], lambda: f64, steps: usize) -> (Vec<Tensor<Base>>, Option<CurvatureWarning>) {
+fn conjugate_gradient_of<Base: BaseBackend>(apply: &mut LinearMap<Base>, tasks: usize, b: &[Tensor<Base>], lambda: f64, steps: usize) -> (Vec<Tensor<Base>>, Option<CurvatureWarning>) {
     let mut x: Vec<Tensor<Base>> = b.iter().map(|t| t.mul_scalar(0.0)).collect();
     let mut residual = b.to_vec();
     let mut direction = b.to_vec();

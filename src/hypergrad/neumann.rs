@@ -13,6 +13,9 @@ use crate::hypergrad::inner::{Adapted, axpy};
 use crate::hypergrad::result::CurvatureWarning;
 use crate::hypergrad::stack::{scale_tasks, task_dots_many};
 
+/// A linear map on per-parameter tensors: a (damped) Hessian-vector product.
+pub type LinearMap<'a, Base> = dyn FnMut(&[Tensor<Base>]) -> Vec<Tensor<Base>> + 'a;
+
 /// v_K = η Σ_{i<K} (I − ηA)^i b for every stacked task, A = I + H/λ with H
 /// the Hessian of L_s at φ. A task whose term meets ⟨p, Ap⟩ ≤ 0 (A is not
 /// positive definite there) or ⟨p, Ap⟩ > 2‖p‖²/η (the terms grow) stops
@@ -24,7 +27,7 @@ pub fn neumann_series<Base: BaseBackend, S: Objective<Base>>(support: &S, phi: &
 
 /// The series for any product v ↦ Av (a stochastic one draws a fresh
 /// Hessian estimate per call: stocBiO); `lambda` only names what a warning asks for.
-pub fn neumann_series_of<Base: BaseBackend>(apply: &mut dyn FnMut(&[Tensor<Base>]) -> Vec<Tensor<Base>>, tasks: usize, b: &[Tensor<Base>], lambda: f64, steps: usize, lr: f64) -> (Vec<Tensor<Base>>, Option<CurvatureWarning>) {
+pub fn neumann_series_of<Base: BaseBackend>(apply: &mut LinearMap<Base>, tasks: usize, b: &[Tensor<Base>], lambda: f64, steps: usize, lr: f64) -> (Vec<Tensor<Base>>, Option<CurvatureWarning>) {
     let mut term = b.to_vec();
     let mut sum: Vec<Tensor<Base>> = b.iter().map(|t| t.mul_scalar(lr)).collect();
     let mut active = vec![1.0; tasks];
@@ -47,7 +50,7 @@ pub fn neumann_series_of<Base: BaseBackend>(apply: &mut dyn FnMut(&[Tensor<Base>
         }
         // p ← p − ηAp; a task that stopped gets zero terms from here on.
         term = axpy(&term, -lr, &a_term);
-        if active.iter().any(|&a| a == 0.0) {
+        if active.contains(&0.0) {
             term = scale_tasks(&term, &active);
         }
         sum = axpy(&sum, lr, &term);

@@ -34,8 +34,11 @@ pub fn task_dots<B: Level>(a: &[Tensor<B>], b: &[Tensor<B>], tasks: usize) -> Ve
     task_dots_many(&[(a, b)], tasks).pop().expect("one pair")
 }
 
+/// Two lists of per-parameter tensors, paired for `task_dots_many`.
+pub type ListPair<'a, B> = (&'a [Tensor<B>], &'a [Tensor<B>]);
+
 /// `task_dots` of several pairs of lists, all in one read from the device.
-pub fn task_dots_many<B: Level>(pairs: &[(&[Tensor<B>], &[Tensor<B>])], tasks: usize) -> Vec<Vec<f64>> {
+pub fn task_dots_many<B: Level>(pairs: &[ListPair<B>], tasks: usize) -> Vec<Vec<f64>> {
     let partial: Vec<Tensor<B>> = pairs
         .iter()
         .flat_map(|(a, b)| a.iter().zip(*b).map(|(x, y)| rows(&x.mul(y), tasks).sum_dim(1).reshape(&[tasks])))

@@ -102,8 +102,12 @@ fn smooth(points: &[(f64, f64)], width: usize) -> Vec<(f64, f64)> {
     points.chunks(width).map(|c| (c[c.len() - 1].0, c.iter().map(|p| p.1).sum::<f64>() / c.len() as f64)).collect()
 }
 
+/// One curve of a panel: legend, points, colour.
+type Curve<'a> = (&'a str, Vec<(f64, f64)>, RGBColor);
+
 /// Training curves as PNG: loss and accuracy against step (train smoothed
-/// over windows, validation as measured), and ufo's q when the run has it.
+/// over windows, validation as measured), ufo's q and the scheduled meta
+/// learning rate when the run has them.
 pub fn training_curves(metrics: &[crate::train::Metrics], title: &str, path: &Path) -> Result<()> {
     register_font();
     let series = |split: &str, f: fn(&crate::train::Metrics) -> Option<f64>| -> Vec<(f64, f64)> {
@@ -114,7 +118,7 @@ pub fn training_curves(metrics: &[crate::train::Metrics], title: &str, path: &Pa
         anyhow::bail!("the metrics log has no training steps yet; nothing to plot");
     }
     let width = (train_loss.len() / 200).max(1);
-    let panels: Vec<(&str, Vec<(&str, Vec<(f64, f64)>, RGBColor)>)> = {
+    let panels: Vec<(&str, Vec<Curve>)> = {
         let mut p = vec![
             ("query loss", vec![("train", smooth(&train_loss, width), BLUE), ("val", series("val", |m| Some(m.loss)), RED)]),
             (
@@ -129,6 +133,10 @@ pub fn training_curves(metrics: &[crate::train::Metrics], title: &str, path: &Pa
         let ratio = series("train", |m| Some(m.ufo_d2? / m.ufo_v2?));
         if !ratio.is_empty() {
             p.push(("ufo adaptive q: D²/V² (q = 1 while it is at least 1)", vec![("D²/V²", smooth(&ratio, width), GREEN)]));
+        }
+        let meta_lr = series("train", |m| m.meta_lr);
+        if !meta_lr.is_empty() {
+            p.push(("meta learning rate (train.meta_lr_schedule)", vec![("meta_lr", meta_lr, GREEN)]));
         }
         p
     };

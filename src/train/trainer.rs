@@ -156,7 +156,7 @@ impl<B: BaseBackend> Trainer<B> {
             val.check_request(&shape)?;
         }
         let mut sampler = EpisodeSampler::new(train_split, shape, stream_seed(config.run.seed, 1))?;
-        let mut learner = MetaLearner::new(model.clone(), model.init::<B>(config.run.seed, precision, &device), config.mode()?, config.inner(), config.train.meta_lr)?;
+        let mut learner = MetaLearner::new(model, model.init::<B>(config.run.seed, precision, &device), config.mode()?, config.inner(), config.train.meta_lr)?;
         learner.optimizer = MetaAdam::with_epsilon(config.train.meta_lr, config.train.adam_epsilon, learner.params.len()).with_schedule(config.meta_lr_schedule());
         learner.batching = if task_batching { Batching::Stacked } else { Batching::TaskByTask };
         learner.rng = ChaCha8Rng::seed_from_u64(stream_seed(config.run.seed, 2));
@@ -305,7 +305,7 @@ impl<B: BaseBackend> Trainer<B> {
         self.bar.set_message(format!("loss {loss:.3} acc {accuracy:.3}{}", self.best.map_or(String::new(), |(_, a)| format!(" best val {a:.3}"))));
         self.bar.inc(1);
         let every = self.config.checkpoint.every;
-        if improved || (every > 0 && self.step % every == 0) || self.step == self.config.train.meta_steps {
+        if improved || (every > 0 && self.step.is_multiple_of(every)) || self.step == self.config.train.meta_steps {
             let taken = (self.snapshot(), improved);
             // A validation has just measured θ_step itself.
             if validation.is_some() { self.latest = Some(self.commit(taken)?) } else { self.pending = Some(taken) }
@@ -327,7 +327,7 @@ impl<B: BaseBackend> Trainer<B> {
 
     /// Validation when it is due: its metrics line and whether it is a new best.
     fn validate_if_due(&mut self) -> Result<Option<(Metrics, bool)>> {
-        let Some(val) = self.val_split.clone().filter(|_| self.step % self.config.eval.every == 0) else { return Ok(None) };
+        let Some(val) = self.val_split.clone().filter(|_| self.step.is_multiple_of(self.config.eval.every)) else { return Ok(None) };
         let c = &self.config;
         let s = evaluate(&self.learner, val, self.shape, c.eval.episodes, stream_seed(c.run.seed, 3), &c.eval_inner(), &ProgressBar::hidden())?;
         if let Some(why) = divergence(s.loss, self.threshold.unwrap_or(f64::INFINITY)) {

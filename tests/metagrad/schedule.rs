@@ -103,7 +103,13 @@ fn a_resumed_run_continues_its_schedule_exactly() {
     let rates = |run: &Path| -> Vec<f64> { read_metrics(&run.join("metrics.jsonl")).unwrap().into_iter().filter(|m| m.split == "train").map(|m| m.meta_lr.unwrap()).collect() };
     assert_eq!(rates(&whole), [0.003, 0.003, 0.003, 0.003, 0.003 * 0.25, 0.003 * 0.25]);
     assert_eq!(rates(&halves), rates(&whole));
+    // Its curves add the rate to loss and accuracy.
+    let png = dir.join("schedule.png");
+    ok(&metagrad(&["plot", whole.to_str().unwrap(), "--out", png.to_str().unwrap()]));
+    assert_eq!(image::image_dimensions(&png).unwrap(), (900, 3 * 330 + 40));
     // A constant rate is the papers' setting and leaves the log as it was.
     ok(&metagrad(&["train", "--config", c, "--quiet", "--set", "run.name=constant", "--set", "train.meta_steps=1"]));
     assert!(read_metrics(&dir.join("checkpoints/constant/metrics.jsonl")).unwrap().iter().all(|m| m.meta_lr.is_none()));
+    ok(&metagrad(&["plot", dir.join("checkpoints/constant").to_str().unwrap(), "--out", png.to_str().unwrap()]));
+    assert_eq!(image::image_dimensions(&png).unwrap(), (900, 2 * 330 + 40));
 }

@@ -234,7 +234,7 @@ fn im2col<E: Real>(x: &[E], c: usize, h: usize, w: usize, col: &mut [E]) {
 fn row_blocks(items: usize, rows: usize) -> usize {
     let workers = workers();
     let mut blocks = 1;
-    while workers > 1 && items * blocks < 4 * workers && rows % (blocks * 2) == 0 && rows / (blocks * 2) >= 8 {
+    while workers > 1 && items * blocks < 4 * workers && rows.is_multiple_of(blocks * 2) && rows / (blocks * 2) >= 8 {
         blocks *= 2;
     }
     blocks

@@ -230,7 +230,7 @@ pub fn plot(run: &str, out: &Path, checkpoint_dir: &Path) -> Result<()> {
         checkpoint_dir.join(run).join("metrics.jsonl")
     };
     let metrics = metagrad::train::read_metrics(&path)?;
-    metagrad::train::plot::training_curves(&metrics, &format!("{run}"), out)?;
+    metagrad::train::plot::training_curves(&metrics, run, out)?;
     println!("wrote {} ({} records from {})", out.display(), metrics.len(), path.display());
     Ok(())
 }
