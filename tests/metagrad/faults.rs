@@ -315,8 +315,8 @@ fn runs_says_where_each_run_stands() {
     // A name longer than any fixed column: the columns still line up.
     let long = "a-run-whose-name-is-longer-than-forty-characters";
     ok(&metagrad(&["train", "--config", config.to_str().unwrap(), "--quiet", "--set", &format!("run.name={long}"), "--set", "train.meta_steps=9"]));
-    let short = dir.join("checkpoints").join(long);
-    ok(&metagrad(&["train", "--resume", short.to_str().unwrap(), "--quiet", "--set", "train.meta_steps=12"]));
+    let long_run = dir.join("checkpoints").join(long);
+    ok(&metagrad(&["train", "--resume", long_run.to_str().unwrap(), "--quiet", "--set", "train.meta_steps=12"]));
     ok(&metagrad(&["eval", "--checkpoint", run.to_str().unwrap(), "--episodes", "4", "--backend", "cpu"]));
     let table = ok(&metagrad(&["runs", dir.join("checkpoints").to_str().unwrap()]));
     let line = |name: &str| table.lines().find(|l| l.starts_with(&format!("{name} "))).unwrap_or_else(|| panic!("{table}")).to_string();

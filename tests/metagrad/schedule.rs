@@ -11,17 +11,13 @@ use metagrad::train::read_metrics;
 use crate::common::*;
 use crate::train::{err, metagrad, ok, small_config, temp};
 
-fn close(a: f64, b: f64) -> bool {
-    (a - b).abs() <= 1e-15 * b.abs().max(1e-300)
-}
-
 #[test]
 fn schedules_follow_pytorchs_cosine_annealing_and_multistep_rules() {
     let cosine = MetaLrSchedule::Cosine { steps: 100, min_lr: 1e-4 };
     // CosineAnnealingLR: η_min + (η_max − η_min)(1 + cos(π t / T)) / 2.
     for (taken, expected) in [(0, 1e-3), (25, 1e-4 + 9e-4 * (1.0 + std::f64::consts::FRAC_1_SQRT_2) / 2.0), (50, 5.5e-4), (100, 1e-4), (500, 1e-4)] {
         let rate = cosine.rate(1e-3, taken);
-        assert!(close(rate, expected), "cosine after {taken} steps: {rate}, expected {expected}");
+        assert!(relative_error(&[rate], &[expected]) <= 1e-15, "cosine after {taken} steps: {rate}, expected {expected}");
     }
     // MultiStepLR: the base rate times γ per milestone reached.
     let step = MetaLrSchedule::MultiStep { milestones: vec![2, 4], gamma: 0.5 };
