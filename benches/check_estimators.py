@@ -5,7 +5,8 @@ fresh inputs (the random ones, ufo and the subset options, are checked by
 their means in `cargo test`):
 maml, fomaml, implicit (conjugate gradient), neumann and fixed-point (the
 truncated Neumann series), each with every parameter adapted and with the
-head only (ANIL: the trunk's hypergradient through the adapted head).
+head only (ANIL: the trunk's hypergradient through the adapted head), on
+both Omniglot networks (max-pool, and the paper's stride-2 one).
 
 PyTorch side, written from the definitions (hypergrad/mod.rs):
 - the inner loop: r steps of φ ← φ − α∇L_s(φ) (maml, fomaml) or
@@ -21,6 +22,7 @@ PyTorch side, written from the definitions (hypergrad/mod.rs):
     python3 benches/check_estimators.py --metagrad target/release/metagrad
 """
 import argparse
+import functools
 import os
 import subprocess
 import sys
@@ -38,7 +40,7 @@ from pytorch_autodiff import loss_fn  # noqa: E402
 HEAD = 2  # head.weight, head.bias: the last two parameters
 
 
-def adapt(theta, xs, ys, steps, lr, adapted, lam=None, create_graph=False):
+def adapt(loss_fn, theta, xs, ys, steps, lr, adapted, lam=None, create_graph=False):
     phi = list(theta)
     for _ in range(steps):
         g = torch.autograd.grad(loss_fn(phi, xs, ys), phi, create_graph=create_graph)
@@ -47,7 +49,7 @@ def adapt(theta, xs, ys, steps, lr, adapted, lam=None, create_graph=False):
     return phi
 
 
-def hvp(phi, xs, ys, v):
+def hvp(loss_fn, phi, xs, ys, v):
     phi = [p.detach().requires_grad_() for p in phi]
     g = torch.autograd.grad(loss_fn(phi, xs, ys), phi, create_graph=True)
     return torch.autograd.grad(sum((gi * vi).sum() for gi, vi in zip(g, v)), phi)
@@ -78,24 +80,24 @@ def solve(apply, b, solver, steps, eta):
     return total
 
 
-def reference(mode, theta, ep, a):
+def reference(mode, loss_fn, theta, ep, a):
     xs, ys, xq, yq = ep
     n = len(theta)
     adapted = set(range(n - HEAD, n)) if a.head else set(range(n))
     if mode == "maml":
-        phi = adapt(theta, xs, ys, a.inner_steps, a.inner_lr, adapted, create_graph=True)
+        phi = adapt(loss_fn, theta, xs, ys, a.inner_steps, a.inner_lr, adapted, create_graph=True)
         return torch.autograd.grad(loss_fn(phi, xq, yq), theta)
     if mode == "fomaml":
-        phi = [p.detach().requires_grad_() for p in adapt(theta, xs, ys, a.inner_steps, a.inner_lr, adapted)]
+        phi = [p.detach().requires_grad_() for p in adapt(loss_fn, theta, xs, ys, a.inner_steps, a.inner_lr, adapted)]
         return torch.autograd.grad(loss_fn(phi, xq, yq), phi)
-    phi = [p.detach().requires_grad_() for p in adapt(theta, xs, ys, a.inner_steps, a.inner_lr, adapted, lam=a.lam)]
+    phi = [p.detach().requires_grad_() for p in adapt(loss_fn, theta, xs, ys, a.inner_steps, a.inner_lr, adapted, lam=a.lam)]
     gq = torch.autograd.grad(loss_fn(phi, xq, yq), phi)
     mask = lambda v: [t if i in adapted else torch.zeros_like(t) for i, t in enumerate(v)]  # noqa: E731
-    apply = lambda v: [vi + hi / a.lam for vi, hi in zip(v, mask(hvp(phi, xs, ys, v)))]  # noqa: E731
+    apply = lambda v: [vi + hi / a.lam for vi, hi in zip(v, mask(hvp(loss_fn, phi, xs, ys, v)))]  # noqa: E731
     solver, eta = {"implicit": ("cg", None), "neumann": ("series", a.neumann_lr), "fixed-point": ("series", a.inner_lr * a.lam)}[mode]
     steps = a.cg_steps if solver == "cg" else a.neumann_steps
     x = solve(apply, mask(gq), solver, steps, eta)
-    held = [g - hx / a.lam for g, hx in zip(gq, hvp(phi, xs, ys, x))]
+    held = [g - hx / a.lam for g, hx in zip(gq, hvp(loss_fn, phi, xs, ys, x))]
     return [x[i] if i in adapted else held[i] for i in range(n)]
 
 
@@ -120,23 +122,26 @@ def main():
         params, episode = load_file(p), load_file(e)
         theta = [params[k].double().requires_grad_() for k in NAMES]
         ep = (episode["support_x"].double(), episode["support_y"], episode["query_x"].double(), episode["query_y"])
-        for a.head in (False, True):
-            for mode in ["maml", "fomaml", "implicit", "neumann", "fixed-point"]:
-                out = os.path.join(tmp, "g.safetensors")
-                cmd = [a.metagrad, "hypergrad", "--params", p, "--episode", e, "--mode", mode, "--backend", "cpu", "--precision", "f64",
-                       "--inner-steps", str(a.inner_steps), "--inner-lr", str(a.inner_lr), "--lambda", str(a.lam),
-                       "--cg-steps", str(a.cg_steps), "--neumann-steps", str(a.neumann_steps), "--neumann-lr", str(a.neumann_lr),
-                       "--inner-params", "head" if a.head else "all", "--out", out]
-                run = subprocess.run(cmd, check=True, capture_output=True, text=True)
-                if "warning" in run.stderr:
-                    sys.exit(f"{mode}: metagrad's solver stopped early, pick a larger --lam: {run.stderr.strip()}")
-                ours = load_file(out)
-                theirs = reference(mode, theta, ep, a)
-                scale = max(t.abs().max().item() for t in theirs)
-                err = max((ours[k] - t).abs().max().item() for k, t in zip(NAMES, theirs)) / scale
-                worst = max(worst, err)
-                label = f"{mode}{' (head only)' if a.head else ''}"
-                print(f"{label:<26} max |metagrad - pytorch| / largest entry = {err:.2e} (largest {scale:.3e})")
+        # Both Omniglot networks: the max-pool Conv-4, and the paper's strided one (the same parameter shapes).
+        for downsample in ("max-pool", "stride"):
+            loss = functools.partial(loss_fn, downsample=downsample)
+            for a.head in (False, True):
+                for mode in ["maml", "fomaml", "implicit", "neumann", "fixed-point"]:
+                    out = os.path.join(tmp, "g.safetensors")
+                    cmd = [a.metagrad, "hypergrad", "--params", p, "--episode", e, "--mode", mode, "--backend", "cpu", "--precision", "f64",
+                           "--inner-steps", str(a.inner_steps), "--inner-lr", str(a.inner_lr), "--lambda", str(a.lam),
+                           "--cg-steps", str(a.cg_steps), "--neumann-steps", str(a.neumann_steps), "--neumann-lr", str(a.neumann_lr),
+                           "--inner-params", "head" if a.head else "all", "--downsample", downsample, "--out", out]
+                    run = subprocess.run(cmd, check=True, capture_output=True, text=True)
+                    if "warning" in run.stderr:
+                        sys.exit(f"{mode}: metagrad's solver stopped early, pick a larger --lam: {run.stderr.strip()}")
+                    ours = load_file(out)
+                    theirs = reference(mode, loss, theta, ep, a)
+                    scale = max(t.abs().max().item() for t in theirs)
+                    err = max((ours[k] - t).abs().max().item() for k, t in zip(NAMES, theirs)) / scale
+                    worst = max(worst, err)
+                    label = f"{mode}{' (head only)' if a.head else ''}, {downsample}"
+                    print(f"{label:<36} max |metagrad - pytorch| / largest entry = {err:.2e} (largest {scale:.3e})")
     print(f"worst {worst:.2e}: {'ok' if worst < a.tolerance else 'DIFFERS'} (tolerance {a.tolerance:g})")
     sys.exit(0 if worst < a.tolerance else 1)
 

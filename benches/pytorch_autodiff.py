@@ -29,24 +29,28 @@ def conv4_params(in_channels, channels, features, way, gen):
     return [p.requires_grad_() for p in params]
 
 
-def features(trunk, x):
-    """The four conv blocks (the first 16 parameters), flattened."""
+def features(trunk, x, downsample="max-pool"):
+    """The four conv blocks (the first 16 parameters): stride-1 convolutions
+    and 2x2 max-pools, flattened, or (downsample="stride", the MAML paper's
+    Omniglot network) stride-2 convolutions, averaged over the last map."""
     h = x
+    stride = 2 if downsample == "stride" else 1
     for b in range(4):
         w, bias, gamma, beta = trunk[4 * b: 4 * b + 4]
-        h = F.conv2d(h, w, bias, padding=1)
+        h = F.conv2d(h, w, bias, stride=stride, padding=1)
         # Batch statistics, biased variance, no running stats (as metagrad).
-        h = F.batch_norm(h, None, None, gamma, beta, training=True, eps=1e-5)
-        h = F.max_pool2d(F.relu(h), 2)
-    return h.flatten(1)
+        h = F.relu(F.batch_norm(h, None, None, gamma, beta, training=True, eps=1e-5))
+        if downsample == "max-pool":
+            h = F.max_pool2d(h, 2)
+    return h.mean(dim=(2, 3)) if downsample == "stride" else h.flatten(1)
 
 
-def forward(params, x):
-    return F.linear(features(params[:16], x), params[16], params[17])
+def forward(params, x, downsample="max-pool"):
+    return F.linear(features(params[:16], x, downsample), params[16], params[17])
 
 
-def loss_fn(params, x, y):
-    return F.cross_entropy(forward(params, x), y)
+def loss_fn(params, x, y, downsample="max-pool"):
+    return F.cross_entropy(forward(params, x, downsample), y)
 
 
 def gradient(params, x, y):

@@ -368,23 +368,25 @@ impl<B: Level> Tensor<B> {
     }
 
     /// 2-D convolution of x [N, C_in, H, W] with weight [C_out, C_in/groups, kh, kw]
-    /// and bias [C_out], stride 1.
-    pub fn conv2d(&self, weight: &Self, bias: &Self, padding: usize, groups: usize) -> Self {
+    /// and bias [C_out], with the same stride and zero padding along both axes.
+    pub fn conv2d(&self, weight: &Self, bias: &Self, stride: usize, padding: usize, groups: usize) -> Self {
         let (x, w, b) = (self.dims(), weight.dims(), bias.dims());
         let fits = x.len() == 4
             && w.len() == 4
             && groups > 0
+            && stride > 0
             && x[1] == w[1] * groups
             && w[0] % groups == 0
             && b == [w[0]]
             && x[2] + 2 * padding >= w[2]
             && x[3] + 2 * padding >= w[3];
-        assert!(fits, "conv2d: input {x:?}, weight {w:?} and bias {b:?} do not fit (groups {groups})");
+        assert!(fits, "conv2d: input {x:?}, weight {w:?} and bias {b:?} do not fit (stride {stride}, groups {groups})");
         if kernels::native::<B>() && w[2..] == [3, 3] && padding == 1 {
-            let y = Tensor(B::conv3x3(self.0.clone(), weight.0.clone(), groups));
+            let shape = kernels::Conv3x3Shape { groups, stride, input: [x[2], x[3]] };
+            let y = Tensor(B::conv3x3(self.0.clone(), weight.0.clone(), shape));
             return y.add(&bias.reshape(&[1, b[0], 1, 1]));
         }
-        let options = ConvOptions::new([1, 1], [padding, padding], [1, 1], groups);
+        let options = ConvOptions::new([stride, stride], [padding, padding], [1, 1], groups);
         Tensor(B::conv2d(self.0.clone(), weight.0.clone(), Some(bias.0.clone()), options))
     }
 

@@ -14,7 +14,7 @@ use crate::data::dataset::{DatasetKind, DatasetSpec, resolve_data_dir};
 use crate::hypergrad::{AdaptiveQ, Adapted, ImplicitVariant, InnerLoop, InnerSolve, Mode, QRule};
 use crate::learner::MetaLrSchedule;
 use crate::models::FunctionalModel;
-use crate::models::conv4::Conv4;
+use crate::models::conv4::{Conv4, Downsample};
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -154,6 +154,10 @@ pub struct DataConfig {
 pub struct ModelConfig {
     /// Conv-4 width; 0 takes the dataset's standard (64 Omniglot, 32 Mini-ImageNet).
     pub channels: usize,
+    /// How the Conv-4 blocks downsample: max-pool (a stride-1 conv, then a
+    /// 2×2 max-pool) or stride (a stride-2 conv, and the mean of the last
+    /// feature map: the MAML paper's Omniglot network).
+    pub downsample: Downsample,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -421,7 +425,7 @@ impl Config {
     }
 
     pub fn model(&self) -> Result<Conv4> {
-        let mut model = Conv4::for_dataset(self.data.dataset.name(), self.data.way)?;
+        let mut model = Conv4::for_dataset(self.data.dataset.name(), self.data.way)?.with_downsample(self.model.downsample);
         if self.model.channels > 0 {
             model.channels = self.model.channels;
         }
@@ -519,7 +523,7 @@ impl Config {
     /// value, other's value).
     pub fn identity_differences(&self, other: &Config) -> Vec<(&'static str, String, String)> {
         let (a, b) = (self, other);
-        let keys: [(&'static str, String, String); 9] = [
+        let keys: [(&'static str, String, String); 10] = [
             ("data.dataset", a.data.dataset.name().to_string(), b.data.dataset.name().to_string()),
             ("data.way", a.data.way.to_string(), b.data.way.to_string()),
             ("data.shot", a.data.shot.to_string(), b.data.shot.to_string()),
@@ -528,6 +532,7 @@ impl Config {
             ("data.rotations", a.data.rotations.to_string(), b.data.rotations.to_string()),
             ("data.split_seed", a.data.split_seed.to_string(), b.data.split_seed.to_string()),
             ("model.channels", a.model.channels.to_string(), b.model.channels.to_string()),
+            ("model.downsample", a.model.downsample.name().to_string(), b.model.downsample.name().to_string()),
             ("run.precision", a.run.precision.name().to_string(), b.run.precision.name().to_string()),
         ];
         keys.into_iter().filter(|(_, x, y)| x != y).collect()

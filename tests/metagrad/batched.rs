@@ -6,13 +6,14 @@ use metagrad::data::Task;
 use metagrad::data::episode::{Episode, LabelledImages};
 use metagrad::hypergrad::stack::{replicate, task_sum};
 use metagrad::hypergrad::{AdaptiveQ, Batching, InnerLoop, MetaGradient, Mode, QRule, TaskLoss, TaskScores, conjugate_gradient, meta_gradient, task_hypergradient};
+use metagrad::models::conv4::Downsample;
 use metagrad::models::{Conv4, FunctionalModel};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use crate::common::{Cpu, DEV, F64, random_episodes};
 
-const MODEL: Conv4 = Conv4 { in_channels: 2, image_size: 16, channels: 4, way: 3 };
+const MODEL: Conv4 = Conv4 { in_channels: 2, image_size: 16, channels: 4, way: 3, downsample: Downsample::MaxPool };
 
 fn episodes(tasks: usize, seed: u64) -> Vec<Episode> {
     random_episodes(tasks, seed)
@@ -200,7 +201,7 @@ fn block_conjugate_gradient_equals_each_task_alone() {
 fn native_kernels_give_the_reference_hypergradient_for_every_mode() {
     // Wide enough (16 channels) for the convolution to split output channels
     // between workers, and 20 pixels wide so that one pooling floors (5 → 2).
-    const WIDE: Conv4 = Conv4 { in_channels: 1, image_size: 20, channels: 16, way: 3 };
+    const WIDE: Conv4 = Conv4 { in_channels: 1, image_size: 20, channels: 16, way: 3, downsample: Downsample::MaxPool };
     let mut rng = ChaCha8Rng::seed_from_u64(11);
     let mut part = |n: usize| LabelledImages {
         images: (0..n * 20 * 20).map(|_| rng.random::<f32>()).collect(),
@@ -231,5 +232,24 @@ fn native_kernels_give_the_reference_hypergradient_for_every_mode() {
                 assert!((x - y).abs() < 1e-10, "{what}: query loss {x} vs {y}");
             }
         }
+    }
+}
+
+#[test]
+fn strided_network_stacked_equals_task_by_task() {
+    // Stride-2 convolutions with groups = tasks, and the per-task mean of the last map.
+    const STRIDED: Conv4 = Conv4 { downsample: Downsample::Stride, ..MODEL };
+    let eps = episodes(3, 4);
+    let ts = tasks(&eps);
+    let theta = STRIDED.init::<Cpu>(5, F64, &DEV);
+    let inner = InnerLoop::new(2, 0.3);
+    for mode in [Mode::Maml, Mode::Fomaml, Mode::implicit(2.0, 3)] {
+        let mut rng = ChaCha8Rng::seed_from_u64(1);
+        let alone: Vec<Vec<Tensor<Cpu>>> = eps.iter().map(|e| task_hypergradient(&mut mode.clone(), &STRIDED, &e.task(), &theta, &inner, &mut rng).0.grad).collect();
+        let mean: Vec<Tensor<Cpu>> = (0..alone[0].len())
+            .map(|i| alone.iter().map(|g| g[i].clone()).reduce(|a, b| a.add(&b)).unwrap().mul_scalar(1.0 / alone.len() as f64))
+            .collect();
+        let (stacked, _) = meta(&mut mode.clone(), &STRIDED, &ts, &theta, &inner, Batching::Stacked, &mut ChaCha8Rng::seed_from_u64(1));
+        close(&stacked.grad, &mean, mode.name());
     }
 }

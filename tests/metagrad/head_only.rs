@@ -7,13 +7,14 @@ use metagrad::data::Task;
 use metagrad::data::episode::Episode;
 use metagrad::hypergrad::stack::replicate;
 use metagrad::hypergrad::{Adaptation, Adapted, AdaptiveQ, Draws, InnerLoop, Mode, QRule, TaskLoss, adapt_head_only, adapt_to, adapted, estimate, estimate_head_only, proximal_adapt};
+use metagrad::models::conv4::Downsample;
 use metagrad::models::{Conv4, FunctionalModel, Mlp};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
 use crate::common::{Cpu, DEV, F64, assert_mean_within_4_standard_errors, flatten, head_only, random_episodes, sinusoid_tasks, task_losses};
 
-const CONV: Conv4 = Conv4 { in_channels: 2, image_size: 16, channels: 4, way: 3 };
+const CONV: Conv4 = Conv4 { in_channels: 2, image_size: 16, channels: 4, way: 3, downsample: Downsample::MaxPool };
 
 fn conv_tasks(tasks: usize, seed: u64) -> Vec<Task> {
     random_episodes(tasks, seed).iter().map(Episode::task).collect()

@@ -9,6 +9,7 @@ use metagrad::autodiff::diff::{Objective, dot_all, hvp, lift, value_and_grad};
 use metagrad::hypergrad::{InnerLoop, fomaml, maml, maml_unrolled, meta_loss};
 use metagrad::data::Examples;
 use metagrad::hypergrad::TaskLoss;
+use metagrad::models::conv4::Downsample;
 use metagrad::models::{Conv4, FunctionalModel};
 use metagrad::autodiff::tensor::Tensor;
 
@@ -139,4 +140,58 @@ fn maml_meta_gradients_match_finite_differences_of_the_meta_loss() {
         let fo_total = relative_error(&flatten(&first_order), &flatten(&unrolled));
         assert!(fo_total > 1e-3, "r={steps}: FO-MAML should differ from exact MAML, got {fo_total:.2e}");
     }
+}
+
+/// The MAML paper's Omniglot network: stride-2 blocks (28 → 14 → 7 → 4 → 2)
+/// and the mean of the last feature map, so its parameters have the
+/// max-pool network's names and shapes but it computes another function.
+#[test]
+fn strided_conv4_has_the_papers_shapes_and_differs_from_the_max_pool_one() {
+    let pooled = Conv4::omniglot(5);
+    let strided = pooled.with_downsample(Downsample::Stride);
+    assert_eq!((strided.final_size(), strided.features()), (2, 64));
+    assert_eq!(strided.parameter_shapes(), pooled.parameter_shapes());
+    let mini = Conv4::mini_imagenet(5).with_downsample(Downsample::Stride);
+    assert_eq!((mini.final_size(), mini.features()), (6, 32));
+    let (theta, support, _) = task(&strided, 5, 1, 7);
+    let logits = |model: &Conv4| model.forward(&theta, &model.inputs::<Flex>(&support, F64, &DEV), 1).to_vec();
+    let (a, b) = (logits(&strided), logits(&pooled));
+    assert_eq!(a.len(), 25);
+    assert!(relative_error(&a, &b) > 1e-2, "the strided network should compute other logits");
+    assert!(strided.describe().contains("strided"), "{}", strided.describe());
+}
+
+/// The strided network at both autodiff levels: its gradient against finite
+/// differences, its Hessian-vector products against finite differences of
+/// gradients, and its MAML meta-gradient (r = 2) against finite differences
+/// of the meta-loss, on both kernel paths.
+#[test]
+fn strided_conv4_gradients_hvps_and_meta_gradients_match_finite_differences() {
+    let model = small_omniglot().with_downsample(Downsample::Stride);
+    let (theta, support, query) = task(&model, 5, 5, 8);
+    let (s, q) = (batch_loss(&model, &support), batch_loss(&model, &query));
+    let check = |path: &str| {
+        let (_, grad) = value_and_grad(&s, &theta);
+        let mut r = rng(80);
+        let d = random_unit_direction(&mut r, &theta);
+        let numeric = fd_directional(&|p| s.eval(p).item(), &theta, &d);
+        let first = (dot_all(&grad, &d) - numeric).abs() / norm(&flatten(&grad));
+        assert!(first < 1e-6, "{path}: directional derivative off by {first:.2e}");
+        let (_, _, hd) = hvp(&s, &theta, &d);
+        let second = relative_error(&flatten(&hd), &fd_hvp(&s, &theta, &d));
+        assert!(second < 1e-6, "{path}: H·v off by {second:.2e}");
+        let inner = InnerLoop::new(2, 0.4);
+        let sweep = maml(&s, &q, &theta, &inner).grad;
+        let unrolled = maml_unrolled(&s, &q, &theta, &inner).grad;
+        let agree = relative_error(&flatten(&sweep), &flatten(&unrolled));
+        assert!(agree < 1e-10, "{path}: sweep and unrolled MAML differ by {agree:.2e}");
+        let numeric = fd_directional(&|p| meta_loss(&s, &q, p, &inner), &theta, &d);
+        let meta = (dot_all(&sweep, &d) - numeric).abs() / norm(&flatten(&sweep));
+        assert!(meta < 1e-6, "{path}: MAML meta-gradient off by {meta:.2e}");
+        (flatten(&grad), flatten(&sweep))
+    };
+    let (grad, meta) = check("native");
+    let (ref_grad, ref_meta) = metagrad::autodiff::kernels::with_reference_ops(|| check("reference"));
+    let (e_grad, e_meta) = (relative_error(&grad, &ref_grad), relative_error(&meta, &ref_meta));
+    assert!(e_grad < 1e-10 && e_meta < 1e-10, "native and reference paths differ: gradient {e_grad:.2e}, meta-gradient {e_meta:.2e}");
 }

@@ -8,7 +8,7 @@ use burn::backend::{TensorData, Flex};
 use metagrad::autodiff::diff::{Objective, dot_all, hvp, value_and_grad};
 use metagrad::models::conv4::BATCH_NORM_EPS;
 use metagrad::models::linear;
-use metagrad::autodiff::kernels::{self, reference};
+use metagrad::autodiff::kernels::{self, Conv3x3Shape, reference};
 use metagrad::autodiff::tensor::{Level, Tensor, one_hot};
 use burn::backend::tensor::FloatTensor;
 
@@ -33,6 +33,7 @@ pub enum Op {
     Reshape,
     Conv2d,
     Conv2dGroups,
+    Conv2dStrided,
     Gather,
     Relu,
     MaxPool,
@@ -43,6 +44,8 @@ pub enum Op {
     // The native kernels' own backward operations, which the second level differentiates.
     ConvInputGrad,
     ConvWeightGrad,
+    ConvInputGradStrided,
+    ConvWeightGradStrided,
     BatchNormGrad,
     PoolScatter,
     MaskPositive,
@@ -64,6 +67,8 @@ pub fn case(op: Op) -> (Vec<Vec<usize>>, bool) {
         Transpose | Reshape => (vec![vec![3, 4]], false),
         Conv2d => (vec![vec![2, 3, 6, 5], vec![4, 3, 3, 3], vec![4]], false),
         Conv2dGroups => (vec![vec![2, 4, 5, 5], vec![6, 2, 3, 3], vec![6]], false),
+        // Stride 2, two groups, odd rows and even columns: 7×6 → 4×3.
+        Conv2dStrided => (vec![vec![2, 4, 7, 6], vec![6, 2, 3, 3], vec![6]], false),
         Gather => (vec![vec![2, 3, 4]], false),
         Relu => (vec![vec![4, 5]], false),
         MaxPool => (vec![vec![2, 3, 6, 7]], false),
@@ -73,13 +78,16 @@ pub fn case(op: Op) -> (Vec<Vec<usize>>, bool) {
         // dy and w; x and dy (grouped, two groups); x, gamma and dy; dy.
         ConvInputGrad => (vec![vec![2, 4, 5, 6], vec![4, 3, 3, 3]], false),
         ConvWeightGrad => (vec![vec![2, 4, 5, 5], vec![2, 6, 5, 5]], false),
+        // Stride 2: dy 4×3 back to an 8×5 input (even rows, odd columns); x 7×6 and its dy 4×3.
+        ConvInputGradStrided => (vec![vec![2, 4, 4, 3], vec![4, 3, 3, 3]], false),
+        ConvWeightGradStrided => (vec![vec![2, 4, 7, 6], vec![2, 6, 4, 3]], false),
         BatchNormGrad => (vec![vec![3, 4, 3, 3], vec![4], vec![3, 4, 3, 3]], false),
         PoolScatter => (vec![vec![2, 3, 3, 3]], false),
         MaskPositive => (vec![vec![3, 4, 5], vec![3, 4, 5]], false),
     }
 }
 
-pub const ALL_OPS: [Op; 29] = [
+pub const ALL_OPS: [Op; 32] = [
     Op::Add,
     Op::Sub,
     Op::Mul,
@@ -97,6 +105,7 @@ pub const ALL_OPS: [Op; 29] = [
     Op::Reshape,
     Op::Conv2d,
     Op::Conv2dGroups,
+    Op::Conv2dStrided,
     Op::Gather,
     Op::Relu,
     Op::MaxPool,
@@ -106,6 +115,8 @@ pub const ALL_OPS: [Op; 29] = [
     Op::CrossEntropy,
     Op::ConvInputGrad,
     Op::ConvWeightGrad,
+    Op::ConvInputGradStrided,
+    Op::ConvWeightGradStrided,
     Op::BatchNormGrad,
     Op::PoolScatter,
     Op::MaskPositive,
@@ -129,8 +140,9 @@ fn apply<B: Level<Base = Base>, Base: Level<Base = Base>>(op: Op, p: &[Tensor<B>
         Cat => Tensor::cat(&[p[0].clone(), p[1].clone()], 0),
         Transpose => p[0].transpose(),
         Reshape => p[0].reshape(&[2, 6]),
-        Conv2d => p[0].conv2d(&p[1], &p[2], 1, 1),
-        Conv2dGroups => p[0].conv2d(&p[1], &p[2], 1, 2),
+        Conv2d => p[0].conv2d(&p[1], &p[2], 1, 1, 1),
+        Conv2dGroups => p[0].conv2d(&p[1], &p[2], 1, 1, 2),
+        Conv2dStrided => p[0].conv2d(&p[1], &p[2], 2, 1, 2),
         Gather => {
             let idx = Tensor::<Base>::to_vec(&aux[0]).iter().map(|&v| v as i32).collect::<Vec<_>>();
             let data = TensorData::new(idx, [2, 3, 2]);
@@ -143,12 +155,24 @@ fn apply<B: Level<Base = Base>, Base: Level<Base = Base>>(op: Op, p: &[Tensor<B>
         Linear => linear(&p[0], &p[1], &p[2]),
         LogSoftmax => p[0].log_softmax(),
         CrossEntropy => p[0].cross_entropy(&Tensor::from_base(&aux[0])),
-        ConvInputGrad => on_path::<B>(|| B::conv3x3_input_grad(p[0].0.clone(), p[1].0.clone(), 1), || {
-            reference::conv3x3_input_grad::<B>(p[0].0.clone(), p[1].0.clone(), 1)
-        }),
-        ConvWeightGrad => on_path::<B>(|| B::conv3x3_weight_grad(p[0].0.clone(), p[1].0.clone(), 2), || {
-            reference::conv3x3_weight_grad::<B>(p[0].0.clone(), p[1].0.clone(), 2)
-        }),
+        ConvInputGrad | ConvInputGradStrided => {
+            let shape = match op {
+                ConvInputGrad => Conv3x3Shape { groups: 1, stride: 1, input: [5, 6] },
+                _ => Conv3x3Shape { groups: 1, stride: 2, input: [8, 5] },
+            };
+            on_path::<B>(|| B::conv3x3_input_grad(p[0].0.clone(), p[1].0.clone(), shape), || {
+                reference::conv3x3_input_grad::<B>(p[0].0.clone(), p[1].0.clone(), shape)
+            })
+        }
+        ConvWeightGrad | ConvWeightGradStrided => {
+            let shape = match op {
+                ConvWeightGrad => Conv3x3Shape { groups: 2, stride: 1, input: [5, 5] },
+                _ => Conv3x3Shape { groups: 2, stride: 2, input: [7, 6] },
+            };
+            on_path::<B>(|| B::conv3x3_weight_grad(p[0].0.clone(), p[1].0.clone(), shape), || {
+                reference::conv3x3_weight_grad::<B>(p[0].0.clone(), p[1].0.clone(), shape)
+            })
+        }
         BatchNormGrad => {
             let args = || (p[0].0.clone(), p[1].0.clone(), p[2].0.clone());
             let [dx, dg, db] = if kernels::native::<B>() {
@@ -359,5 +383,5 @@ fn matmul_shape_mismatch_is_named() {
 fn conv_shape_mismatch_is_named() {
     let mut r = rng(11);
     let x = random_tensor(&mut r, &[1, 2, 5, 5], 1.0);
-    let _ = x.conv2d(&random_tensor(&mut r, &[4, 3, 3, 3], 1.0), &random_tensor(&mut r, &[4], 1.0), 1, 1);
+    let _ = x.conv2d(&random_tensor(&mut r, &[4, 3, 3, 3], 1.0), &random_tensor(&mut r, &[4], 1.0), 1, 1, 1);
 }

@@ -276,6 +276,8 @@ fn bad_configs_and_checkpoints_say_what_is_wrong() {
     std::fs::write(&other, std::fs::read_to_string(&config).unwrap().replace("[data]\n", "[data]\nway = 10\n")).unwrap();
     let e = err(&metagrad(&["train", "--config", other.to_str().unwrap(), "--resume"]));
     assert!(e.contains("data.way = 5") && e.contains("data.way = 10") && e.contains("changes the model or the task"), "{e}");
+    let e = err(&metagrad(&["train", "--resume", run.to_str().unwrap(), "--set", "model.downsample=stride"]));
+    assert!(e.contains("model.downsample = max-pool") && e.contains("model.downsample = stride"), "{e}");
     // A truncated checkpoint file.
     let params = run.join("step-0000001/params.safetensors");
     let bytes = std::fs::read(&params).unwrap();
@@ -317,4 +319,18 @@ fn every_shipped_config_loads_and_the_implicit_ones_say_which_algorithm() {
     assert_eq!(decay.meta_lr_schedule(), metagrad::learner::MetaLrSchedule::MultiStep { milestones: vec![18500], gamma: 0.1 });
     let fomaml = load("omniglot-5way-1shot-fomaml.toml", &["run.name=\"omniglot-5way-1shot-fomaml-decay\"", "train.meta_lr_schedule=step", "train.meta_lr_milestones=[18500]", "train.meta_lr_gamma=0.1"]).unwrap();
     assert_eq!(decay, fomaml);
+    // The strided configs are their max-pool twins but for the name and the paper's Omniglot network.
+    for (strided, twin) in [
+        ("omniglot-5way-1shot-strided", "omniglot-5way-1shot"),
+        ("omniglot-5way-1shot-fomaml-strided", "omniglot-5way-1shot-fomaml"),
+        ("omniglot-20way-1shot-strided", "omniglot-20way-1shot"),
+        ("omniglot-5way-1shot-implicit-reference-strided", "omniglot-5way-1shot-implicit-reference"),
+    ] {
+        let config = load(&format!("{strided}.toml"), &[]).unwrap();
+        assert_eq!(config.model().unwrap().downsample, metagrad::models::conv4::Downsample::Stride, "{strided}");
+        let twin = load(&format!("{twin}.toml"), &[&format!("run.name=\"{strided}\""), "model.downsample=\"stride\""]).unwrap();
+        assert_eq!(config, twin, "{strided}");
+    }
+    let e = format!("{:#}", load("omniglot-5way-1shot.toml", &["model.downsample=\"avg-pool\""]).unwrap_err());
+    assert!(e.contains("model.downsample") && e.contains("stride"), "{e}");
 }

@@ -21,7 +21,7 @@ use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::tensor::{FloatTensor, IntTensor};
 use burn::backend::{Autodiff, TensorMetadata};
 
-use super::ConvNetOps;
+use super::{Conv3x3Shape, ConvNetOps};
 
 #[derive(Debug)]
 struct Conv3x3;
@@ -39,25 +39,25 @@ struct PoolGather;
 struct PoolScatter;
 
 /// A bilinear operation f(a, b): its state keeps both arguments (each is
-/// needed for the other's gradient) and the group count.
-type BilinearState<B> = (FloatTensor<B>, FloatTensor<B>, usize);
+/// needed for the other's gradient) and the convolution's geometry.
+type BilinearState<B> = (FloatTensor<B>, FloatTensor<B>, Conv3x3Shape);
 
 /// The backward step of a bilinear operation, given the gradient rules for
 /// its first and second argument.
 fn bilinear_backward<B: ConvNetOps>(
     ops: Ops<BilinearState<B>, 2>,
     grads: &mut Gradients,
-    grad_a: impl FnOnce(FloatTensor<B>, FloatTensor<B>, usize) -> FloatTensor<B>,
-    grad_b: impl FnOnce(FloatTensor<B>, FloatTensor<B>, usize) -> FloatTensor<B>,
+    grad_a: impl FnOnce(FloatTensor<B>, FloatTensor<B>, Conv3x3Shape) -> FloatTensor<B>,
+    grad_b: impl FnOnce(FloatTensor<B>, FloatTensor<B>, Conv3x3Shape) -> FloatTensor<B>,
 ) {
     let [node_a, node_b] = ops.parents;
     let grad = grads.consume::<B>(&ops.node);
-    let (a, b, groups) = ops.state;
+    let (a, b, shape) = ops.state;
     if let Some(node) = node_a {
-        grads.register::<B>(node.id, grad_a(grad.clone(), b, groups));
+        grads.register::<B>(node.id, grad_a(grad.clone(), b, shape));
     }
     if let Some(node) = node_b {
-        grads.register::<B>(node.id, grad_b(grad, a, groups));
+        grads.register::<B>(node.id, grad_b(grad, a, shape));
     }
 }
 
@@ -143,8 +143,8 @@ fn bilinear<B, C, Op>(
     op: Op,
     a: FloatTensor<Autodiff<B, C>>,
     b: FloatTensor<Autodiff<B, C>>,
-    groups: usize,
-    forward: fn(FloatTensor<B>, FloatTensor<B>, usize) -> FloatTensor<B>,
+    shape: Conv3x3Shape,
+    forward: fn(FloatTensor<B>, FloatTensor<B>, Conv3x3Shape) -> FloatTensor<B>,
 ) -> FloatTensor<Autodiff<B, C>>
 where
     B: ConvNetOps,
@@ -154,24 +154,24 @@ where
     let nodes = [a.node(), b.node()];
     let (a, b) = (a.into_primitive(), b.into_primitive());
     match op.prepare::<C>(nodes).compute_bound().stateful() {
-        OpsKind::Tracked(prep) => prep.finish((a.clone(), b.clone(), groups), forward(a, b, groups)),
-        OpsKind::UnTracked(prep) => prep.finish(forward(a, b, groups)),
+        OpsKind::Tracked(prep) => prep.finish((a.clone(), b.clone(), shape), forward(a, b, shape)),
+        OpsKind::UnTracked(prep) => prep.finish(forward(a, b, shape)),
     }
 }
 
 impl<B: ConvNetOps, C: CheckpointStrategy> ConvNetOps for Autodiff<B, C> {
     const NATIVE: bool = B::NATIVE;
 
-    fn conv3x3(x: FloatTensor<Self>, w: FloatTensor<Self>, groups: usize) -> FloatTensor<Self> {
-        bilinear::<B, C, _>(Conv3x3, x, w, groups, B::conv3x3)
+    fn conv3x3(x: FloatTensor<Self>, w: FloatTensor<Self>, shape: Conv3x3Shape) -> FloatTensor<Self> {
+        bilinear::<B, C, _>(Conv3x3, x, w, shape, B::conv3x3)
     }
 
-    fn conv3x3_input_grad(dy: FloatTensor<Self>, w: FloatTensor<Self>, groups: usize) -> FloatTensor<Self> {
-        bilinear::<B, C, _>(Conv3x3InputGrad, dy, w, groups, B::conv3x3_input_grad)
+    fn conv3x3_input_grad(dy: FloatTensor<Self>, w: FloatTensor<Self>, shape: Conv3x3Shape) -> FloatTensor<Self> {
+        bilinear::<B, C, _>(Conv3x3InputGrad, dy, w, shape, B::conv3x3_input_grad)
     }
 
-    fn conv3x3_weight_grad(x: FloatTensor<Self>, dy: FloatTensor<Self>, groups: usize) -> FloatTensor<Self> {
-        bilinear::<B, C, _>(Conv3x3WeightGrad, x, dy, groups, B::conv3x3_weight_grad)
+    fn conv3x3_weight_grad(x: FloatTensor<Self>, dy: FloatTensor<Self>, shape: Conv3x3Shape) -> FloatTensor<Self> {
+        bilinear::<B, C, _>(Conv3x3WeightGrad, x, dy, shape, B::conv3x3_weight_grad)
     }
 
     fn batch_norm_on_batch(x: FloatTensor<Self>, gamma: FloatTensor<Self>, beta: FloatTensor<Self>, eps: f64) -> FloatTensor<Self> {

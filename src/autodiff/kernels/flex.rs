@@ -2,7 +2,7 @@
 //!
 //! Convolution is im2col + one matrix product per (image, group, block of
 //! output channels), with gemm's own micro-kernels: the 3×3, padding-1 im2col
-//! is a handful of row copies, each worker reuses one scratch buffer, and work
+//! is a handful of row copies (a strided one gathers), each worker reuses one scratch buffer, and work
 //! is spread over images × groups × channel blocks so that two cores stay busy
 //! even for five images. The input gradient is the same convolution with the
 //! weights transposed and flipped; the weight gradient accumulates one matrix
@@ -19,7 +19,7 @@ use burn::backend::flex::{Flex, FlexTensor};
 use burn::backend::{DType, Shape, TensorData, TensorMetadata};
 use rayon::prelude::*;
 
-use super::{ConvNetOps, KernelSettings, count_convolution};
+use super::{Conv3x3Shape, ConvNetOps, KernelSettings, count_convolution};
 
 /// Workers a kernel may use: the pool's, unless the caller already runs one
 /// task per core (then a kernel stays on its own thread: handing work to the
@@ -229,6 +229,61 @@ fn im2col<E: Real>(x: &[E], c: usize, h: usize, w: usize, col: &mut [E]) {
     }
 }
 
+/// im2col for a 3×3 kernel with padding 1 and any stride: `x` [C, H, W] to
+/// `col` [C·9, h·w] for the output size [h, w]. Stride 1 takes the row-copy
+/// path above.
+fn im2col_shaped<E: Real>(x: &[E], c: usize, shape: &Conv3x3Shape, col: &mut [E]) {
+    let ([h, w], s) = (shape.input, shape.stride);
+    if s == 1 {
+        return im2col(x, c, h, w, col);
+    }
+    let [ho, wo] = shape.output();
+    let (hw, out_hw) = (h * w, ho * wo);
+    for ch in 0..c {
+        let plane = &x[ch * hw..(ch + 1) * hw];
+        for ki in 0..3 {
+            for kj in 0..3 {
+                let row = &mut col[(ch * 9 + ki * 3 + kj) * out_hw..][..out_hw];
+                for (i, out) in row.chunks_exact_mut(wo).enumerate() {
+                    // Input row and column s·i + k − 1 (padding 1).
+                    let Some(si) = (s * i + ki).checked_sub(1).filter(|&r| r < h) else {
+                        out.fill(E::ZERO);
+                        continue;
+                    };
+                    let src = &plane[si * w..(si + 1) * w];
+                    for (j, o) in out.iter_mut().enumerate() {
+                        *o = (s * j + kj).checked_sub(1).filter(|&q| q < w).map_or(E::ZERO, |q| src[q]);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The adjoint of `im2col_shaped` for stride > 1: `col` [C·9, h·w] added
+/// into `dx` [C, H, W] at the positions it was read from.
+fn col2im_strided<E: Real>(col: &[E], c: usize, shape: &Conv3x3Shape, dx: &mut [E]) {
+    let ([h, w], s, [ho, wo]) = (shape.input, shape.stride, shape.output());
+    let (hw, out_hw) = (h * w, ho * wo);
+    for ch in 0..c {
+        let plane = &mut dx[ch * hw..(ch + 1) * hw];
+        for ki in 0..3 {
+            for kj in 0..3 {
+                let row = &col[(ch * 9 + ki * 3 + kj) * out_hw..][..out_hw];
+                for (i, grad) in row.chunks_exact(wo).enumerate() {
+                    let Some(si) = (s * i + ki).checked_sub(1).filter(|&r| r < h) else { continue };
+                    let dst = &mut plane[si * w..(si + 1) * w];
+                    for (j, &g) in grad.iter().enumerate() {
+                        if let Some(q) = (s * j + kj).checked_sub(1).filter(|&q| q < w) {
+                            dst[q] += g;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// How many blocks to split `rows` output channels into so that `items`
 /// independent products keep every worker busy (at least 8 rows a block).
 fn row_blocks(items: usize, rows: usize) -> usize {
@@ -240,27 +295,60 @@ fn row_blocks(items: usize, rows: usize) -> usize {
     blocks
 }
 
-/// x [N, G·Ci, H, W] ⋆ w [G·Co, Ci, 3, 3] → [N, G·Co, H, W].
-fn conv3x3_kernel<E: Real>(x: &FlexTensor, w: &FlexTensor, groups: usize) -> FlexTensor {
+/// x [N, G·Ci, H, W] ⋆ w [G·Co, Ci, 3, 3] → [N, G·Co, h, w].
+fn conv3x3_kernel<E: Real>(x: &FlexTensor, w: &FlexTensor, shape: &Conv3x3Shape) -> FlexTensor {
     let ([n, cin, h, wd], [cout, ci, _, _]) = (dims4(x), dims4(w));
-    let (g, hw) = (groups, h * wd);
-    let co = cout / g;
+    assert_eq!([h, wd], shape.input, "conv3x3: input {:?} does not match the geometry {shape:?}", dims(x));
+    let (g, hw, [ho, wo]) = (shape.groups, h * wd, shape.output());
+    let (co, out_hw) = (cout / g, ho * wo);
     assert_eq!(cin, g * ci, "conv3x3: input channels {cin} do not match the weight [{cout}, {ci}, 3, 3] in {g} groups");
     let (xv, wv) = (E::values(x), E::values(w));
     let blocks = row_blocks(n * g, co);
     let rows = co / blocks;
     let k = ci * 9;
-    let y = filled(n * cout * hw, rows * hw, |item, out| {
+    let y = filled(n * cout * out_hw, rows * out_hw, |item, out| {
         let (image, rest) = (item / (g * blocks), item % (g * blocks));
         let (group, block) = (rest / blocks, rest % blocks);
         let input = &xv[(image * cin + group * ci) * hw..][..ci * hw];
         let weights = &wv[(group * co + block * rows) * k..][..rows * k];
-        E::with_scratch(k * hw, |col| {
-            im2col(input, ci, h, wd, col);
-            matmul(rows, hw, k, out, hw, false, weights, k, col, hw, 1);
+        E::with_scratch(k * out_hw, |col| {
+            im2col_shaped(input, ci, shape, col);
+            matmul(rows, out_hw, k, out, out_hw, false, weights, k, col, out_hw, 1);
         });
     });
-    E::tensor(y, &[n, cout, h, wd])
+    E::tensor(y, &[n, cout, ho, wo])
+}
+
+/// The input gradient of a strided convolution: per image and group,
+/// wᵀ [Ci·9, Co] · dy [Co, h·w] as columns, added back into the image by
+/// `col2im_strided` (the flipped-kernel convolution of stride 1 has no
+/// equivalent here: the output grid skips input positions).
+fn conv3x3_input_grad_strided<E: Real>(dy: &FlexTensor, w: &FlexTensor, shape: &Conv3x3Shape) -> FlexTensor {
+    let ([n, cout, ho, wo], [_, ci, _, _]) = (dims4(dy), dims4(w));
+    assert_eq!([ho, wo], shape.output(), "conv3x3_input_grad: dy {:?} does not match the geometry {shape:?}", dims(dy));
+    let (g, [h, wd]) = (shape.groups, shape.input);
+    let (co, k, hw, out_hw) = (cout / g, ci * 9, h * wd, ho * wo);
+    let wv = E::values(w);
+    // wᵀ per group, [G, Ci·9, Co].
+    let mut transposed = vec![E::ZERO; g * k * co];
+    for group in 0..g {
+        for o in 0..co {
+            for r in 0..k {
+                transposed[(group * k + r) * co + o] = wv[(group * co + o) * k + r];
+            }
+        }
+    }
+    let dyv = E::values(dy);
+    let mut dx = vec![E::ZERO; n * g * ci * hw];
+    for_each_chunk(&mut dx, ci * hw, |item, out| {
+        let (image, group) = (item / g, item % g);
+        let grad = &dyv[(image * cout + group * co) * out_hw..][..co * out_hw];
+        E::with_scratch(k * out_hw, |col| {
+            matmul(k, out_hw, co, as_uninit(col), out_hw, false, &transposed[group * k * co..][..k * co], co, grad, out_hw, 1);
+            col2im_strided(col, ci, shape, out);
+        });
+    });
+    E::tensor(dx, &[n, g * ci, h, wd])
 }
 
 /// The weights of the input gradient: w [G·Co, Ci, 3, 3] → [G·Ci, Co, 3, 3]
@@ -284,20 +372,26 @@ fn transpose_flip<E: Real>(w: &FlexTensor, groups: usize) -> FlexTensor {
     E::tensor(out, &[groups * ci, co, 3, 3])
 }
 
-/// Σ over images of dy_n [Co, H·W] · im2col(x_n)ᵀ, per group → [G·Co, Ci, 3, 3].
-fn conv3x3_weight_grad_kernel<E: Real>(x: &FlexTensor, dy: &FlexTensor, groups: usize) -> FlexTensor {
-    let ([n, cin, h, wd], [_, cout, _, _]) = (dims4(x), dims4(dy));
-    let (g, hw) = (groups, h * wd);
+/// Σ over images of dy_n [Co, h·w] · im2col(x_n)ᵀ, per group → [G·Co, Ci, 3, 3].
+fn conv3x3_weight_grad_kernel<E: Real>(x: &FlexTensor, dy: &FlexTensor, shape: &Conv3x3Shape) -> FlexTensor {
+    let ([n, cin, h, wd], [_, cout, ho, wo]) = (dims4(x), dims4(dy));
+    assert!(
+        [h, wd] == shape.input && [ho, wo] == shape.output(),
+        "conv3x3_weight_grad: x {:?} and dy {:?} do not match the geometry {shape:?}",
+        dims(x),
+        dims(dy)
+    );
+    let (g, hw, out_hw) = (shape.groups, h * wd, ho * wo);
     let (ci, co) = (cin / g, cout / g);
     let k = ci * 9;
     let (xv, dyv) = (E::values(x), E::values(dy));
     // One group's gradient over a range of images, added into `out` [Co, Ci·9].
     let accumulate = |group: usize, images: std::ops::Range<usize>, out: &mut [E]| {
-        E::with_scratch(k * hw, |col| {
+        E::with_scratch(k * out_hw, |col| {
             for image in images {
-                im2col(&xv[(image * cin + group * ci) * hw..][..ci * hw], ci, h, wd, col);
-                let grad = &dyv[(image * cout + group * co) * hw..][..co * hw];
-                matmul(co, k, hw, as_uninit(out), k, true, grad, hw, col, 1, hw);
+                im2col_shaped(&xv[(image * cin + group * ci) * hw..][..ci * hw], ci, shape, col);
+                let grad = &dyv[(image * cout + group * co) * out_hw..][..co * out_hw];
+                matmul(co, k, out_hw, as_uninit(out), k, true, grad, out_hw, col, 1, out_hw);
             }
         })
     };
@@ -492,29 +586,36 @@ fn pool_scatter_kernel<E: Real>(dy: &FlexTensor, indices: &FlexTensor, h: usize,
     E::tensor(dx, &[n, c, h, w])
 }
 
-/// Multiply-adds × 2 of a 3×3 convolution between `a` [N, G·A, H, W] and `b`
-/// [N, G·B, H, W] (either way round: the three operations cost the same).
-fn conv_flop(a: &FlexTensor, b_channels: usize, groups: usize) -> usize {
-    let [n, a_channels, h, w] = dims4(a);
-    2 * n * a_channels * (b_channels / groups) * 9 * h * w
+/// Multiply-adds × 2 of a 3×3 convolution of `n` images from `inputs` to
+/// `outputs` channels in all (the three operations cost the same).
+fn conv_flop(n: usize, inputs: usize, outputs: usize, shape: &Conv3x3Shape) -> usize {
+    let [h, w] = shape.output();
+    2 * n * inputs * (outputs / shape.groups) * 9 * h * w
 }
 
 impl ConvNetOps for Flex {
     const NATIVE: bool = true;
 
-    fn conv3x3(x: FlexTensor, w: FlexTensor, groups: usize) -> FlexTensor {
-        count_convolution(conv_flop(&x, dims4(&w)[0], groups), workers(), || by_dtype!(x, conv3x3_kernel(&x, &w, groups)))
+    fn conv3x3(x: FlexTensor, w: FlexTensor, shape: Conv3x3Shape) -> FlexTensor {
+        let flop = conv_flop(dims4(&x)[0], dims4(&x)[1], dims4(&w)[0], &shape);
+        count_convolution(flop, workers(), || by_dtype!(x, conv3x3_kernel(&x, &w, &shape)))
     }
 
-    fn conv3x3_input_grad(dy: FlexTensor, w: FlexTensor, groups: usize) -> FlexTensor {
-        count_convolution(conv_flop(&dy, dims4(&w)[1] * groups, groups), workers(), || {
-            let flipped = by_dtype!(w, transpose_flip(&w, groups));
-            by_dtype!(dy, conv3x3_kernel(&dy, &flipped, groups))
+    fn conv3x3_input_grad(dy: FlexTensor, w: FlexTensor, shape: Conv3x3Shape) -> FlexTensor {
+        let flop = conv_flop(dims4(&dy)[0], dims4(&w)[1] * shape.groups, dims4(&dy)[1], &shape);
+        count_convolution(flop, workers(), || {
+            if shape.stride > 1 {
+                return by_dtype!(dy, conv3x3_input_grad_strided(&dy, &w, &shape));
+            }
+            // Stride 1: the same convolution of dy with the flipped, transposed kernels.
+            let flipped = by_dtype!(w, transpose_flip(&w, shape.groups));
+            by_dtype!(dy, conv3x3_kernel(&dy, &flipped, &shape))
         })
     }
 
-    fn conv3x3_weight_grad(x: FlexTensor, dy: FlexTensor, groups: usize) -> FlexTensor {
-        count_convolution(conv_flop(&x, dims4(&dy)[1], groups), workers(), || by_dtype!(x, conv3x3_weight_grad_kernel(&x, &dy, groups)))
+    fn conv3x3_weight_grad(x: FlexTensor, dy: FlexTensor, shape: Conv3x3Shape) -> FlexTensor {
+        let flop = conv_flop(dims4(&x)[0], dims4(&x)[1], dims4(&dy)[1], &shape);
+        count_convolution(flop, workers(), || by_dtype!(x, conv3x3_weight_grad_kernel(&x, &dy, &shape)))
     }
 
     fn batch_norm_on_batch(x: FlexTensor, gamma: FlexTensor, beta: FlexTensor, eps: f64) -> FlexTensor {

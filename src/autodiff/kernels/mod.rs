@@ -6,8 +6,8 @@
 //! index search plus scatter), and Burn's own fused batch norm and max-pool
 //! cannot be differentiated twice. [`ConvNetOps`] is the set that replaces them:
 //!
-//! - `conv3x3` (stride 1, padding 1, grouped), its input gradient and its
-//!   weight gradient. The three are closed under differentiation: each one's
+//! - `conv3x3` (padding 1, grouped, stride 1 or more), its input gradient
+//!   and its weight gradient. The three are closed under differentiation: each one's
 //!   derivative is one of the others (all are bilinear), so
 //!   `Autodiff<Autodiff<B>>` differentiates them exactly at both levels;
 //! - `batch_norm` in training mode (per-channel batch statistics) and its
@@ -35,27 +35,46 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use burn::backend::Backend;
 use burn::backend::tensor::{FloatTensor, IntTensor};
 
-/// The Conv-4 operations a backend provides. Shapes are NCHW; `groups` splits
-/// the channels into that many independent networks (the stacked meta-batch).
-/// Every method has Burn's generic implementation as its default.
+/// The geometry of a 3×3, padding-1 convolution: `groups` splits the channels
+/// into that many independent networks (the stacked meta-batch), `stride` is
+/// 1 (the max-pool Conv-4) or 2 (the strided one), and `input` is the input's
+/// height and width. The input gradient needs them: with stride 2, inputs of
+/// 2h − 1 and 2h rows both give h output rows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Conv3x3Shape {
+    pub groups: usize,
+    pub stride: usize,
+    pub input: [usize; 2],
+}
+
+impl Conv3x3Shape {
+    /// The output's height and width: ⌊(s − 1) / stride⌋ + 1 for each input size s.
+    pub fn output(&self) -> [usize; 2] {
+        self.input.map(|s| (s - 1) / self.stride + 1)
+    }
+}
+
+/// The Conv-4 operations a backend provides. Shapes are NCHW. Every method
+/// has Burn's generic implementation as its default.
 pub trait ConvNetOps: Backend {
     /// Whether this backend has native kernels for the set. Backends without
     /// them run the reference path directly, exactly as before the set existed.
     const NATIVE: bool = false;
 
-    /// y = x ⋆ w: x [N, G·Ci, H, W], w [G·Co, Ci, 3, 3] → y [N, G·Co, H, W].
-    fn conv3x3(x: FloatTensor<Self>, w: FloatTensor<Self>, groups: usize) -> FloatTensor<Self> {
-        reference::conv3x3::<Self>(x, w, groups)
+    /// y = x ⋆ w: x [N, G·Ci, H, W], w [G·Co, Ci, 3, 3] → y [N, G·Co, h, w]
+    /// (h, w = `shape.output()`).
+    fn conv3x3(x: FloatTensor<Self>, w: FloatTensor<Self>, shape: Conv3x3Shape) -> FloatTensor<Self> {
+        reference::conv3x3::<Self>(x, w, shape)
     }
 
-    /// ∂⟨dy, x ⋆ w⟩/∂x: dy [N, G·Co, H, W], w [G·Co, Ci, 3, 3] → [N, G·Ci, H, W].
-    fn conv3x3_input_grad(dy: FloatTensor<Self>, w: FloatTensor<Self>, groups: usize) -> FloatTensor<Self> {
-        reference::conv3x3_input_grad::<Self>(dy, w, groups)
+    /// ∂⟨dy, x ⋆ w⟩/∂x: dy [N, G·Co, h, w], w [G·Co, Ci, 3, 3] → [N, G·Ci, H, W].
+    fn conv3x3_input_grad(dy: FloatTensor<Self>, w: FloatTensor<Self>, shape: Conv3x3Shape) -> FloatTensor<Self> {
+        reference::conv3x3_input_grad::<Self>(dy, w, shape)
     }
 
-    /// ∂⟨dy, x ⋆ w⟩/∂w: x [N, G·Ci, H, W], dy [N, G·Co, H, W] → [G·Co, Ci, 3, 3].
-    fn conv3x3_weight_grad(x: FloatTensor<Self>, dy: FloatTensor<Self>, groups: usize) -> FloatTensor<Self> {
-        reference::conv3x3_weight_grad::<Self>(x, dy, groups)
+    /// ∂⟨dy, x ⋆ w⟩/∂w: x [N, G·Ci, H, W], dy [N, G·Co, h, w] → [G·Co, Ci, 3, 3].
+    fn conv3x3_weight_grad(x: FloatTensor<Self>, dy: FloatTensor<Self>, shape: Conv3x3Shape) -> FloatTensor<Self> {
+        reference::conv3x3_weight_grad::<Self>(x, dy, shape)
     }
 
     /// Batch norm with the batch's statistics (biased variance) per channel:

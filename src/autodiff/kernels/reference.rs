@@ -8,8 +8,10 @@ use burn::backend::ops::ConvOptions;
 use burn::backend::tensor::{FloatTensor, IntTensor};
 use burn::backend::{Backend, FloatDType, IntDType, Scalar, Shape, TensorMetadata, get_device_settings};
 
-fn options(groups: usize) -> ConvOptions<2> {
-    ConvOptions::new([1, 1], [1, 1], [1, 1], groups)
+use super::Conv3x3Shape;
+
+fn options(shape: Conv3x3Shape) -> ConvOptions<2> {
+    ConvOptions::new([shape.stride; 2], [1, 1], [1, 1], shape.groups)
 }
 
 fn dims<B: Backend>(t: &FloatTensor<B>) -> Vec<usize> {
@@ -23,22 +25,23 @@ fn float_dtype<B: Backend>(t: &FloatTensor<B>) -> FloatDType {
     }
 }
 
-pub fn conv3x3<B: Backend>(x: FloatTensor<B>, w: FloatTensor<B>, groups: usize) -> FloatTensor<B> {
-    B::conv2d(x, w, None, options(groups))
+pub fn conv3x3<B: Backend>(x: FloatTensor<B>, w: FloatTensor<B>, shape: Conv3x3Shape) -> FloatTensor<B> {
+    B::conv2d(x, w, None, options(shape))
 }
 
-pub fn conv3x3_input_grad<B: Backend>(dy: FloatTensor<B>, w: FloatTensor<B>, groups: usize) -> FloatTensor<B> {
+pub fn conv3x3_input_grad<B: Backend>(dy: FloatTensor<B>, w: FloatTensor<B>, shape: Conv3x3Shape) -> FloatTensor<B> {
     // Burn reads only the input's shape.
     let (d, k) = (dims::<B>(&dy), dims::<B>(&w));
-    let x = B::float_empty(Shape::from(vec![d[0], k[1] * groups, d[2], d[3]]), &dy.device(), float_dtype::<B>(&dy));
-    B::conv2d_x_backward(x, w, dy, options(groups))
+    let [h, wd] = shape.input;
+    let x = B::float_empty(Shape::from(vec![d[0], k[1] * shape.groups, h, wd]), &dy.device(), float_dtype::<B>(&dy));
+    B::conv2d_x_backward(x, w, dy, options(shape))
 }
 
-pub fn conv3x3_weight_grad<B: Backend>(x: FloatTensor<B>, dy: FloatTensor<B>, groups: usize) -> FloatTensor<B> {
+pub fn conv3x3_weight_grad<B: Backend>(x: FloatTensor<B>, dy: FloatTensor<B>, shape: Conv3x3Shape) -> FloatTensor<B> {
     // Burn reads only the weight's shape.
     let (d, i) = (dims::<B>(&dy), dims::<B>(&x));
-    let w = B::float_empty(Shape::from(vec![d[1], i[1] / groups, 3, 3]), &x.device(), float_dtype::<B>(&x));
-    B::conv2d_weight_backward(x, w, dy, options(groups))
+    let w = B::float_empty(Shape::from(vec![d[1], i[1] / shape.groups, 3, 3]), &x.device(), float_dtype::<B>(&x));
+    B::conv2d_weight_backward(x, w, dy, options(shape))
 }
 
 /// Per-channel mean over N, H and W, shape [1, C, 1, 1].

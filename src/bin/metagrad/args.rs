@@ -11,6 +11,7 @@ use metagrad::data::dataset::{DatasetKind, DatasetSpec};
 use metagrad::data::episode::Episode;
 use metagrad::data::{EpisodeSampler, EpisodeShape};
 use metagrad::hypergrad::{AdaptiveQ, ImplicitVariant, InnerSolve, Mode, QRule};
+use metagrad::models::conv4::Downsample;
 use metagrad::train::config::{Config, InnerParams};
 
 #[derive(Parser)]
@@ -63,6 +64,9 @@ pub enum Command {
         /// Number of classes of the head.
         #[arg(long, default_value_t = 5)]
         way: usize,
+        /// How the Conv-4 blocks downsample: max-pool, or stride (the MAML paper's Omniglot network).
+        #[arg(long, default_value = "max-pool")]
+        downsample: Downsample,
         #[arg(long, default_value_t = 0)]
         seed: u64,
         /// f32 or f64 values in the file.
@@ -123,6 +127,9 @@ pub struct HypergradArgs {
     /// Episode (safetensors: support_x, support_y, query_x, query_y).
     #[arg(long)]
     pub episode: PathBuf,
+    /// How the Conv-4 blocks downsample: max-pool, or stride (the MAML paper's Omniglot network).
+    #[arg(long, default_value = "max-pool")]
+    pub downsample: Downsample,
     /// maml (exact, backward sweep), maml-unrolled (exact, unrolled graph), fomaml,
     /// ufo (fixed --q), ufo-adaptive (q from the running moments, starting at 0.05),
     /// implicit (conjugate gradient), neumann (Neumann series, step --neumann-lr),

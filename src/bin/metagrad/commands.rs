@@ -20,6 +20,7 @@ use metagrad::data::{fixed_episodes, mini_imagenet};
 use metagrad::hypergrad::{InnerLoop, Mode};
 use metagrad::hypergrad::files::EpisodeHypergradient;
 use metagrad::models::params::save_params;
+use metagrad::models::conv4::Downsample;
 use metagrad::models::{Conv4, FunctionalModel, check_task_fits};
 use metagrad::train::checkpoint::{Checkpoint, TrainState, pointer};
 use metagrad::train::config::Config;
@@ -341,7 +342,7 @@ fn report_outcome(outcome: &Outcome) -> ExitCode {
 }
 
 /// `metagrad init`: fresh Conv-4 parameters as safetensors.
-pub fn init(dataset: &str, way: usize, seed: u64, precision: metagrad::autodiff::tensor::Precision, out: &Path) -> Result<()> {
+pub fn init(dataset: &str, way: usize, downsample: Downsample, seed: u64, precision: metagrad::autodiff::tensor::Precision, out: &Path) -> Result<()> {
     struct InitJob<'a> {
         model: Conv4,
         seed: u64,
@@ -353,7 +354,7 @@ pub fn init(dataset: &str, way: usize, seed: u64, precision: metagrad::autodiff:
             save_params(self.out, &self.model, &self.model.init::<B>(self.seed, precision, &device))
         }
     }
-    let model = Conv4::for_dataset(dataset, way)?;
+    let model = Conv4::for_dataset(dataset, way)?.with_downsample(downsample);
     // Initial values are drawn on the host, so the CPU backend gives the same file everywhere.
     backend::dispatch(Selection { kind: BackendKind::Cpu, precision }, InitJob { model, seed, out })?;
     println!(
@@ -376,7 +377,7 @@ pub fn hypergrad(args: HypergradArgs) -> Result<()> {
     }
     let episode = Episode::read(&args.episode)?;
     let params = read_safetensors(&args.params)?;
-    let model = Conv4::infer(&params, episode.support.shape[2], &args.params.display().to_string())?;
+    let model = Conv4::infer(&params, episode.support.shape[2], args.downsample, &args.params.display().to_string())?;
     let inner = InnerLoop { adapted: args.inner_params()?.adapted(model.head_parameters()), ..InnerLoop::new(args.inner_steps, args.inner_lr) };
     mode.validate(&inner)?;
     check_task_fits(&model, &episode.task(), &args.episode.display().to_string())?;

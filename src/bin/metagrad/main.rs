@@ -20,7 +20,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             print!("{}", metagrad::autodiff::backend::devices_report());
             Ok(ExitCode::SUCCESS)
         }
-        Command::Init { dataset, way, seed, precision, out } => done(commands::init(&dataset, way, seed, precision, &out)),
+        Command::Init { dataset, way, downsample, seed, precision, out } => done(commands::init(&dataset, way, downsample, seed, precision, &out)),
         Command::ExportEpisode { episode, out } => done(commands::export_episode(&episode, &out)),
         Command::Hypergrad(args) => done(commands::hypergrad(args)),
         Command::Eval(args) => done(commands::eval(args)),
